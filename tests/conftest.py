@@ -1,0 +1,48 @@
+"""Shared fixtures: the real benchmark data, the real embedder, the real small LM.
+
+Expensive objects are session-scoped: one embedder, one LM, one vLLM engine per run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path | None:
+    for cand in (os.environ.get("ICLCLS_DATA"), REPO.parent / "shared" / "data"):
+        if cand and Path(cand).is_dir():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = _data_dir()
+    if d is None:
+        pytest.skip("benchmark data folder (../shared/data or $ICLCLS_DATA) not present")
+    return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory) -> None:
+    """Tests write caches to a temporary folder, except converted models (slow to rebuild)."""
+    os.environ.setdefault("ICLCLS_CACHE", str(Path.home() / ".cache" / "iclcls"))
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from iclcls.embed import default_embedder
+
+    return default_embedder()
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    from iclcls.lm.transformers_lm import TransformersLM
+
+    return TransformersLM.from_name("smollm2")
