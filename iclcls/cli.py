@@ -1,14 +1,24 @@
-"""The ``iclcls`` command."""
+"""The ``iclcls`` command: demo, data, fit, predict (and eval/study/cil as they land)."""
 
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="In-context-learning classifiers.")
+console = Console()
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(2)
 
 
 @app.command()
@@ -19,17 +29,113 @@ def data(
     """Print a benchmark's split sizes and label count as JSON."""
     from iclcls.data import load_benchmark
 
-    bench = load_benchmark(name, data_dir=data_dir)
+    try:
+        bench = load_benchmark(name, data_dir=data_dir)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
     typer.echo(
         json.dumps(
-            {
-                "train": len(bench.train),
-                "validation": len(bench.validation),
-                "test": len(bench.test),
-                "labels": len(bench.labels),
-            }
+            {"train": len(bench.train), "validation": len(bench.validation), "test": len(bench.test), "labels": len(bench.labels)}
         )
     )
+
+
+@app.command()
+def demo(
+    lm: str = typer.Option("smollm2", help="LM spec: smollm2, gemma3-270m, a model dir, vllm:NAME, openai:MODEL@URL"),
+    shots: int = typer.Option(4, help="demonstrations per prompt"),
+    shortlist_k: int = typer.Option(4, help="candidate classes the LM ranks"),
+    show: int = typer.Option(8, help="how many predictions to print"),
+) -> None:
+    """Fit on the packaged sample (a small hand-written set), predict, and show what the LM used."""
+    from iclcls.data import load_benchmark
+    from iclcls.programs import knn_fusion, retriever_only
+
+    bench = load_benchmark("sample")
+    console.print(
+        f"[bold]iclcls demo[/bold]: the packaged sample dataset ({len(bench.train)} train / "
+        f"{len(bench.test)} test, {len(bench.labels)} intents), LM [cyan]{lm}[/cyan], offline."
+    )
+    t0 = time.time()
+    retr = retriever_only(shortlist_k=shortlist_k).fit(bench.train)
+    clf = knn_fusion(lm=lm, shots=shots, shortlist_k=shortlist_k, show_progress=True).fit(bench.train)
+    console.print(f"fitted in {time.time() - t0:.1f} s (embeddings, index, pools; no LM training)")
+    t0 = time.time()
+    preds = clf.predict(bench.test)
+    elapsed = time.time() - t0
+    retr_preds = retr.predict(bench.test)
+    table = Table(title="predictions (first rows)", show_lines=True)
+    for col in ("text", "gold", "top labels (fused score)", "demonstrations used"):
+        table.add_column(col, overflow="fold")
+    for ex, p in list(zip(bench.test, preds))[:show]:
+        ok = "[green]✓[/green]" if p.label == ex.label else "[red]✗[/red]"
+        tops = ", ".join(f"{lab} ({s:.2f})" for lab, s in zip(p.labels[:3], p.scores[:3]))
+        demos = "\n".join(f"{d.label}: {d.text[:40]}" for d in p.demonstrations[-2:])
+        table.add_row(ex.text, ex.label, f"{ok} {tops}", demos or "-")
+    console.print(table)
+    acc = sum(p.label == ex.label for p, ex in zip(preds, bench.test)) / len(preds)
+    racc = sum(p.label == ex.label for p, ex in zip(retr_preds, bench.test)) / len(preds)
+    console.print(
+        f"accuracy: pipeline [bold]{acc:.3f}[/bold] | retriever alone {racc:.3f} | "
+        f"{elapsed / len(preds):.2f} s per query | n={len(preds)}"
+    )
+
+
+def _read_inputs(path: Path, text_field: str):
+    from iclcls.data import load_examples
+    from iclcls.types import Example
+
+    if path.suffix in (".txt",):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [Example(line) for line in lines if line.strip()]
+    return load_examples(path, text_field=text_field, label_field=None)
+
+
+@app.command()
+def predict(
+    inputs: Path = typer.Argument(..., help="JSONL, CSV, TSV, JSON, Parquet or .txt (one text per line)"),
+    state: Path = typer.Option(..., "--state", help="a folder written by `iclcls fit` / ICLClassifier.save"),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSONL output (default: stdout)"),
+    lm: Optional[str] = typer.Option(None, help="override the saved LM spec"),
+    text_field: str = typer.Option("text", help="the text column"),
+) -> None:
+    """Predict with a saved classifier: one JSON line per input, with candidates and demonstrations."""
+    from iclcls.classifier import ICLClassifier, dump_predictions
+
+    try:
+        clf = ICLClassifier.load(state, lm=lm)
+        examples = _read_inputs(inputs, text_field)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(str(e))
+    preds = clf.predict(examples, show_progress=True)
+    lines = dump_predictions(preds)
+    if out:
+        from iclcls.io import atomic_write_text
+
+        atomic_write_text(out, lines)
+        console.print(f"wrote {len(preds)} predictions to {out}", highlight=False)
+    else:
+        sys.stdout.write(lines)
+
+
+@app.command()
+def fit(
+    config: Path = typer.Argument(..., help="YAML with `data:` and `classifier:` sections"),
+    out: Path = typer.Option(..., "--out", help="folder to save the fitted state to"),
+) -> None:
+    """Fit a classifier from a config (embeddings, index, tuning on validation) and save its state."""
+    from iclcls.config import FitConfig, load_config
+    from iclcls.experiment import load_splits
+
+    try:
+        cfg = load_config(config, FitConfig)
+        splits = load_splits(cfg.data)
+        clf = cfg.classifier.build()
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(str(e))
+    clf.fit(splits.train, labels=splits.labels, validation=splits.validation if cfg.classifier.tune and splits.validation else None)
+    clf.save(out)
+    console.print(f"saved to {out} ({len(clf.pool_)} pool examples, {len(clf.classes_)} labels; tuned: {clf.tuned_})")
 
 
 if __name__ == "__main__":

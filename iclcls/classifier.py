@@ -1,0 +1,431 @@
+"""ICLClassifier: Infer -> Retrieve (shortlist classes, select demonstrations) -> Rank.
+
+scikit-learn conventions: options are keyword-only constructor arguments stored as given,
+``fit`` returns self, learned state ends in ``_``. ``fit`` trains nothing in the LM: it
+embeds the pool and builds the retriever's state. ``save``/``load`` persist that state as
+JSON + numpy + faiss files (atomic, no pickle); LM weights are never saved.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from tqdm.auto import tqdm
+
+from iclcls.infer import INFERRERS
+from iclcls.io import atomic_write_json, load_npy, read_json, save_npy
+from iclcls.lm import get_lm
+from iclcls.pool import Candidates, Pool, Query
+from iclcls.prompt import PromptBuilder
+from iclcls.rank import RANKERS, RankContext
+from iclcls.registry import Registry
+from iclcls.select import SELECTORS
+from iclcls.shortlist import SHORTLISTERS
+from iclcls.types import Example, LabelSpace, Prediction
+
+FORMAT = "iclcls-classifier"
+FORMAT_VERSION = 1
+
+
+def _build(spec: Any, registry: Registry) -> Any:
+    """A stage from a registry name, a ``{"name": ..., **options}`` dict, or a ready object."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return registry.get(spec)
+    if isinstance(spec, Mapping):
+        opts = dict(spec)
+        try:
+            name = opts.pop("name")
+        except KeyError:
+            raise ValueError(f"{registry.family} spec {dict(spec)!r} has no 'name'") from None
+        return registry.get(name, **opts)
+    return spec
+
+
+def _spec_of(spec: Any, obj: Any) -> Any:
+    """A JSON-able spec that rebuilds ``obj``: the given name/dict, or name + constructor options."""
+    if spec is None or isinstance(spec, (str, Mapping)):
+        return spec
+    name = getattr(type(obj), "registry_name", None)
+    if name is None:
+        raise ValueError(f"cannot save a stage of type {type(obj).__name__}: it is not registered by name")
+    params = inspect.signature(type(obj).__init__).parameters
+    opts = {p: getattr(obj, p) for p in params if p != "self" and hasattr(obj, p)}
+    return {"name": name, **opts}
+
+
+def as_examples(inputs: Iterable[str | Example]) -> list[Example]:
+    """Texts or Examples -> Examples, with an error that names the offending position."""
+    out = []
+    for i, x in enumerate(inputs):
+        if isinstance(x, Example):
+            out.append(x)
+        elif isinstance(x, str):
+            if not x.strip():
+                raise ValueError(f"input {i} is empty or whitespace: nothing to classify")
+            out.append(Example(text=x))
+        else:
+            raise TypeError(f"input {i} must be a str or Example, got {type(x).__name__}")
+    return out
+
+
+class ICLClassifier(BaseEstimator):
+    """Classify with an LLM learning in context over a retrieved shortlist.
+
+    Stages are registry names (``"knn"``), ``{"name": ..., **options}`` dicts, or objects.
+    ``rank="retriever"`` needs no LM (the retriever alone); ``rank="fusion"`` mixes the LM
+    with the retriever using a weight ``tune``\\ d on validation data.
+    """
+
+    def __init__(
+        self,
+        *,
+        lm: Any = None,
+        embedder: Any = None,
+        shortlist: Any = "knn_vote",
+        shortlist_k: int = 10,
+        select: Any = "knn",
+        shots: int = 8,
+        rank: Any = "likelihood",
+        infer: Any = None,
+        prompt: Mapping[str, Any] | None = None,
+        multi_label: bool = False,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        batch_size: int = 16,
+        label_token_reserve: int = 32,
+        show_progress: bool | None = None,
+    ) -> None:
+        self.lm = lm
+        self.embedder = embedder
+        self.shortlist = shortlist
+        self.shortlist_k = shortlist_k
+        self.select = select
+        self.shots = shots
+        self.rank = rank
+        self.infer = infer
+        self.prompt = prompt
+        self.multi_label = multi_label
+        self.top_k = top_k
+        self.threshold = threshold
+        self.batch_size = batch_size
+        self.label_token_reserve = label_token_reserve
+        self.show_progress = show_progress
+
+    # -- fit ---------------------------------------------------------------------------
+    def fit(
+        self,
+        examples: Sequence[Example],
+        *,
+        labels: LabelSpace | Sequence[str] | None = None,
+        validation: Sequence[Example] | None = None,
+    ) -> ICLClassifier:
+        """Embed the pool and build every stage's state; tune on ``validation`` if given."""
+        examples = list(examples)
+        for i, ex in enumerate(examples):
+            if not isinstance(ex, Example):
+                raise TypeError(f"fit: example {i} must be an Example, got {type(ex).__name__}")
+            if not ex.labels:
+                raise ValueError(f"fit: example {i} ({ex.text[:40]!r}) has no label")
+        space = labels if isinstance(labels, LabelSpace) else LabelSpace(labels or ())
+        if labels is not None:
+            for i, ex in enumerate(examples):
+                unknown = [lab for lab in ex.labels if lab not in space]
+                if unknown:
+                    raise ValueError(f"fit: example {i} has labels {unknown} that are not in the given label space")
+        if not examples and not len(space):
+            raise ValueError("fit: empty label space: give training examples or labels=")
+        self._check_params()
+        from iclcls.embed import get_embedder
+
+        self.embedder_ = get_embedder(self.embedder) if not hasattr(self.embedder, "encode") else self.embedder
+        self.pool_ = Pool(self.embedder_, LabelSpace(space.labels, space.descriptions))
+        self.pool_.extend(examples)
+        self._build_stages()
+        self.tuned_: dict[str, Any] = {}
+        if validation:
+            self.tune(validation)
+        return self
+
+    def _check_params(self) -> None:
+        if self.shortlist_k < 1:
+            raise ValueError(f"shortlist_k must be >= 1, got {self.shortlist_k}")
+        if self.shots < 0:
+            raise ValueError(f"shots must be >= 0, got {self.shots}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def _build_stages(self) -> None:
+        self.shortlister_ = _build(self.shortlist, SHORTLISTERS).fit(self.pool_)
+        self.selector_ = _build(self.select, SELECTORS).fit(self.pool_) if self.select is not None else None
+        self.ranker_ = _build(self.rank, RANKERS)
+        self.inferrer_ = _build(self.infer, INFERRERS)
+        self.builder_ = PromptBuilder(**(self.prompt or {}))
+        needs_lm = getattr(self.ranker_, "needs_lm", True) or self.inferrer_ is not None
+        self.lm_ = get_lm(self.lm) if needs_lm else None
+        if needs_lm and self.lm_ is None:
+            raise ValueError(
+                f"rank={self.rank!r}{' and infer' if self.inferrer_ else ''} need an LM: pass lm= "
+                "(e.g. 'smollm2'), or use rank='retriever' for the retriever alone"
+            )
+
+    @property
+    def classes_(self) -> list[str]:
+        return list(self.pool_.labels)
+
+    # -- continual addition --------------------------------------------------------------
+    def add_examples(self, examples: Sequence[Example]) -> ICLClassifier:
+        """Add examples (of known or new classes) in place: pool, index, stage statistics."""
+        examples = list(examples)
+        for i, ex in enumerate(examples):
+            if not ex.labels:
+                raise ValueError(f"add_examples: example {i} has no label")
+        if not examples:
+            return self
+        new_ids = self.pool_.extend(examples)
+        self.shortlister_.update(self.pool_, new_ids)
+        if self.selector_ is not None:
+            self.selector_.update(self.pool_, new_ids)
+        return self
+
+    def add_classes(self, examples: Sequence[Example], *, descriptions: Mapping[str, str] | None = None) -> ICLClassifier:
+        """Add new classes by their examples: statistics update, nothing retrained or forgotten."""
+        for lab, desc in (descriptions or {}).items():
+            self.pool_.labels.add(lab, desc)
+        return self.add_examples(examples)
+
+    # -- predict -------------------------------------------------------------------------
+    def predict(self, inputs: Iterable[str | Example], *, show_progress: bool | None = None) -> list[Prediction]:
+        """Ranked labels for each input, with the candidates and demonstrations that produced them."""
+        if not hasattr(self, "pool_"):
+            raise RuntimeError("ICLClassifier is not fitted: call fit(examples) first")
+        examples = as_examples(inputs)
+        batches = [examples[i : i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
+        show = self.show_progress if show_progress is None else show_progress
+        if show is None:
+            show = len(examples) > 4 * self.batch_size
+        out: list[Prediction] = []
+        with tqdm(total=len(examples), desc="predict", unit="ex", disable=not show) as bar:
+            for batch in batches:
+                out.extend(self._predict_batch(batch))
+                bar.update(len(batch))
+        return out
+
+    def _queries(self, examples: Sequence[Example]) -> list[Query]:
+        emb = self.embedder_.encode([ex.text for ex in examples])
+        queries = [Query(ex, e) for ex, e in zip(examples, emb)]
+        if self.inferrer_ is not None:
+            guesses = self.inferrer_.infer(self.lm_, [ex.text for ex in examples])
+            flat = [g for gs in guesses for g in gs]
+            vecs = self.embedder_.encode(flat) if flat else np.zeros((0, emb.shape[1]), np.float32)
+            pos = 0
+            for q, gs in zip(queries, guesses):
+                q.guesses = tuple(gs)
+                q.guess_embeddings = vecs[pos : pos + len(gs)]
+                q.trace["infer"] = list(gs)
+                pos += len(gs)
+        return queries
+
+    def shortlist_candidates(self, inputs: Iterable[str | Example]) -> list[Candidates]:
+        """The shortlist alone (no LM): for recall measurements and inspection."""
+        examples = as_examples(inputs)
+        out: list[Candidates] = []
+        for i in range(0, len(examples), 256):
+            out += self.shortlister_.shortlist(self._queries(examples[i : i + 256]), self.shortlist_k)
+        return out
+
+    def _predict_batch(self, examples: Sequence[Example]) -> list[Prediction]:
+        queries = self._queries(examples)
+        cands = self.shortlister_.shortlist(queries, self.shortlist_k)
+        prompts = []
+        if getattr(self.ranker_, "needs_lm", True):
+            demo_ids = (
+                self.selector_.select(queries, cands, self.shots)
+                if self.selector_ is not None and self.shots > 0
+                else [[] for _ in queries]
+            )
+            budget = self.lm_.context_window - self.label_token_reserve
+            prompts = [
+                self.builder_.build(
+                    q.text, ids, self.pool_.examples, c.labels, count_tokens=self.lm_.count_tokens, budget=budget
+                )
+                for q, ids, c in zip(queries, demo_ids, cands)
+            ]
+        ctx = RankContext(self.lm_, queries, cands, prompts, self.builder_, self.pool_)
+        rankings = self.ranker_.rank(ctx) if cands else []
+        preds = []
+        for i, (q, c, r) in enumerate(zip(queries, cands, rankings)):
+            p = prompts[i] if prompts else None
+            trace = {**q.trace, **(p.trace if p else {}), **r.trace}
+            if p is not None:
+                trace["prompt"] = p.text
+            preds.append(
+                Prediction(
+                    labels=tuple(r.labels),
+                    scores=tuple(r.scores),
+                    candidates=tuple(c.labels),
+                    demonstrations=tuple(self.pool_.examples[j] for j in (p.demonstrations if p else [])),
+                    prompt_tokens=p.tokens if p else 0,
+                    trace=trace,
+                )
+            )
+        return preds
+
+    def decide(self, pred: Prediction) -> tuple[str, ...]:
+        """The predicted label set: top-1, or (multi-label) top-k / scores over the threshold."""
+        if not pred.labels:
+            return ()
+        if not self.multi_label:
+            return (pred.labels[0],)
+        if self.top_k is not None:
+            return pred.labels[: self.top_k]
+        thr = self.tuned_.get("threshold", self.threshold)
+        if thr is None:
+            return (pred.labels[0],)
+        chosen = tuple(lab for lab, s in zip(pred.labels, pred.scores) if s >= thr)
+        return chosen or (pred.labels[0],)
+
+    def predict_labels(self, inputs: Iterable[str | Example]) -> list[Any]:
+        """Single-label: one label per input. Multi-label: a tuple of labels per input."""
+        preds = self.predict(inputs)
+        if self.multi_label:
+            return [self.decide(p) for p in preds]
+        return [p.label for p in preds]
+
+    # -- tuning on validation data -----------------------------------------------------------
+    def tune(self, validation: Sequence[Example]) -> ICLClassifier:
+        """Tune the ranker (e.g. the fusion weight) and the multi-label threshold on validation data."""
+        validation = [ex for ex in validation if ex.labels]
+        if not validation:
+            raise ValueError("tune: the validation examples carry no labels")
+        preds = self.predict(validation)
+        gold = [ex.labels for ex in validation]
+        tuned = dict(self.ranker_.tune([p.trace for p in preds], gold))
+        if self.multi_label and self.top_k is None:
+            if tuned:  # the ranker changed: its scores did too
+                preds = self.predict(validation, show_progress=False)
+            tuned["threshold"] = _best_threshold(preds, gold)
+        self.tuned_ = tuned
+        return self
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Write the state to ``directory`` atomically (a temp folder renamed into place)."""
+        if not hasattr(self, "pool_"):
+            raise RuntimeError("cannot save an unfitted ICLClassifier")
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            params = self.get_params(deep=False)
+            params["lm"] = self.lm if isinstance(self.lm, str) or self.lm is None else None
+            params["embedder"] = self.embedder if isinstance(self.embedder, str) or self.embedder is None else self.embedder_.name
+            params["shortlist"] = _spec_of(self.shortlist, self.shortlister_)
+            params["select"] = _spec_of(self.select, self.selector_)
+            params["rank"] = _spec_of(self.rank, self.ranker_)
+            params["infer"] = self.infer if isinstance(self.infer, (str, Mapping)) or self.infer is None else None
+            stages = {}
+            for key, stage in (("shortlist", self.shortlister_), ("select", self.selector_)):
+                if stage is not None and hasattr(stage, "state_dict"):
+                    meta, arrays = stage.state_dict()
+                    for name, arr in arrays.items():
+                        save_npy(tmp / "stages" / f"{key}.{name}.npy", arr)
+                    stages[key] = {"meta": meta, "arrays": sorted(arrays)}
+            self.pool_.save(tmp / "pool")
+            atomic_write_json(
+                tmp / "config.json",
+                {
+                    "format": FORMAT,
+                    "version": FORMAT_VERSION,
+                    "params": params,
+                    "lm_name": getattr(self.lm_, "name", None),
+                    "embedder_name": self.embedder_.name,
+                    "tuned": self.tuned_,
+                    "ranker_state": self.ranker_.tuned_state() if hasattr(self.ranker_, "tuned_state") else {},
+                    "stages": stages,
+                },
+            )
+            _replace_dir(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, directory: str | Path, *, lm: Any = None, embedder: Any = None) -> ICLClassifier:
+        """Rebuild a saved classifier. ``lm`` overrides the saved LM spec (needed if it was an object)."""
+        d = Path(directory)
+        if not (d / "config.json").is_file():
+            raise FileNotFoundError(f"{d}: not a saved ICLClassifier (no config.json)")
+        cfg = read_json(d / "config.json")
+        if cfg.get("format") != FORMAT:
+            raise ValueError(f"{d / 'config.json'}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
+        if cfg.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{d}: saved by a newer iclcls (format version {cfg['version']})")
+        params = dict(cfg["params"])
+        if lm is not None:
+            params["lm"] = lm
+        if embedder is not None:
+            params["embedder"] = embedder
+        clf = cls(**params)
+        from iclcls.embed import get_embedder
+
+        clf.embedder_ = get_embedder(clf.embedder) if not hasattr(clf.embedder, "encode") else clf.embedder
+        if clf.embedder_.name != cfg.get("embedder_name"):
+            raise ValueError(
+                f"{d}: saved with embedder {cfg.get('embedder_name')!r} but loading with {clf.embedder_.name!r}; "
+                "pass embedder= the same model"
+            )
+        clf.pool_ = Pool.load(d / "pool", clf.embedder_)
+        clf._build_stages()
+        for key, stage in (("shortlist", clf.shortlister_), ("select", clf.selector_)):
+            info = cfg.get("stages", {}).get(key)
+            if info and stage is not None and hasattr(stage, "load_state_dict"):
+                arrays = {n: load_npy(d / "stages" / f"{key}.{n}.npy") for n in info["arrays"]}
+                stage.load_state_dict(clf.pool_, info["meta"], arrays)
+        if hasattr(clf.ranker_, "load_tuned_state"):
+            clf.ranker_.load_tuned_state(cfg.get("ranker_state", {}))
+        clf.tuned_ = cfg.get("tuned", {})
+        return clf
+
+
+def _best_threshold(preds: Sequence[Prediction], gold: Sequence[Sequence[str]]) -> float:
+    """The score threshold with the best micro-F1 on validation (top-1 always kept)."""
+    cand = np.unique(np.concatenate([np.asarray(p.scores[:20]) for p in preds if p.scores] or [np.zeros(1)]))
+    best, best_f1 = float(cand.max()), -1.0
+    for thr in cand[:: max(1, len(cand) // 200)]:
+        tp = fp = fn = 0
+        for p, g in zip(preds, gold):
+            chosen = {lab for lab, s in zip(p.labels, p.scores) if s >= thr} or {p.labels[0]}
+            g = set(g)
+            tp += len(chosen & g)
+            fp += len(chosen - g)
+            fn += len(g - chosen)
+        f1 = 2 * tp / max(2 * tp + fp + fn, 1)
+        if f1 > best_f1:
+            best, best_f1 = float(thr), f1
+    return best
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` onto ``dst``; an existing ``dst`` is swapped out first, then removed."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def dump_predictions(preds: Sequence[Prediction]) -> str:
+    return "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in preds)

@@ -1,0 +1,154 @@
+"""The state that ``fit`` builds and every stage reads: examples, their embeddings, an index.
+
+A Pool is the demonstration pool and the retriever's memory at once. It only grows
+(``extend``), so stages that keep per-example state can update incrementally.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from iclcls.embed.base import Embedder
+from iclcls.index import VectorIndex
+from iclcls.io import atomic_write_text, load_npy, save_npy
+from iclcls.types import Example, LabelSpace
+
+
+@dataclass
+class Query:
+    """One input on its way through the pipeline, with what earlier stages learned about it."""
+
+    example: Example
+    embedding: np.ndarray
+    guesses: tuple[str, ...] = ()  # the Infer stage's free-text guesses or tags
+    guess_embeddings: np.ndarray | None = None
+    trace: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.example.text
+
+
+@dataclass
+class Candidates:
+    """A shortlist: candidate labels, best first, with the retriever's scores."""
+
+    labels: list[str]
+    scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.scores = np.asarray(self.scores, dtype=np.float64)
+        if len(self.labels) != len(self.scores):
+            raise ValueError("Candidates: labels and scores differ in length")
+
+    def top(self, k: int) -> Candidates:
+        return Candidates(self.labels[:k], self.scores[:k])
+
+
+class Pool:
+    """Training examples, their unit-norm embeddings, the label space, and a vector index."""
+
+    def __init__(self, embedder: Embedder, labels: LabelSpace | None = None) -> None:
+        self.embedder = embedder
+        self.labels = labels if labels is not None else LabelSpace()
+        self.examples: list[Example] = []
+        self.embeddings = np.zeros((0, 0), dtype=np.float32)
+        self.index: VectorIndex | None = None
+        self._by_label: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1]) if len(self) else self.embedder.dim
+
+    def extend(self, examples: Sequence[Example], embeddings: np.ndarray | None = None) -> np.ndarray:
+        """Add examples (embedding them unless given); return their positions in the pool."""
+        examples = list(examples)
+        for ex in examples:
+            for lab in ex.labels:
+                self.labels.add(lab)
+        if embeddings is None:
+            embeddings = self.embedder.encode([ex.text for ex in examples])
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        start = len(self.examples)
+        ids = np.arange(start, start + len(examples), dtype=np.int64)
+        if self.index is None:
+            self.index = VectorIndex(embeddings.shape[1] if len(examples) else self.embedder.dim, metric="ip")
+        if len(examples):
+            self.index.add(embeddings, ids)
+        self._append(examples, embeddings, ids)
+        return ids
+
+    def _append(self, examples: list[Example], embeddings: np.ndarray, ids: np.ndarray) -> None:
+        start = len(self.examples)
+        self.examples.extend(examples)
+        self.embeddings = embeddings if start == 0 else np.vstack([self.embeddings, embeddings])
+        for i, ex in zip(ids, examples):
+            for lab in ex.labels:
+                self._by_label.setdefault(lab, []).append(int(i))
+
+    def indices_of(self, label: str) -> list[int]:
+        return self._by_label.get(label, [])
+
+    def label_counts(self) -> dict[str, int]:
+        return {lab: len(ix) for lab, ix in self._by_label.items()}
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest pool examples (cosine) for each query row; ids are pool positions (-1 = none)."""
+        if self.index is None or len(self) == 0:
+            n = len(queries)
+            return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
+        return self.index.search(np.asarray(queries, dtype=np.float32), min(k, len(self)))
+
+    def class_means(self, labels: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """Unit-norm mean embedding of each label that has examples."""
+        labels = [lab for lab in (labels or self.labels) if self._by_label.get(lab)]
+        if not labels:
+            return [], np.zeros((0, self.dim), dtype=np.float32)
+        means = np.stack([self.embeddings[self._by_label[lab]].mean(axis=0) for lab in labels])
+        means /= np.linalg.norm(means, axis=1, keepdims=True) + 1e-12
+        return labels, means.astype(np.float32)
+
+    # -- persistence: JSONL + npy + faiss; never pickle --------------------------------
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            d / "examples.jsonl",
+            "".join(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n" for ex in self.examples),
+        )
+        save_npy(d / "embeddings.npy", self.embeddings)
+        self.labels.save(d / "labels.json")
+        if self.index is not None:
+            self.index.save(d / "index.faiss")
+
+    @classmethod
+    def load(cls, directory: str | Path, embedder: Embedder) -> Pool:
+        d = Path(directory)
+        pool = cls(embedder, LabelSpace.load(d / "labels.json"))
+        path = d / "examples.jsonl"
+        examples = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    examples.append(Example.from_dict(json.loads(line)))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}, line {n}: bad example: {e}") from None
+        embeddings = load_npy(d / "embeddings.npy")
+        if len(embeddings) != len(examples):
+            raise ValueError(f"{d}: {len(examples)} examples but {len(embeddings)} embeddings")
+        if (d / "index.faiss").is_file():
+            pool.index = VectorIndex.load(d / "index.faiss")
+            if len(pool.index) != len(examples):
+                raise ValueError(f"{d / 'index.faiss'}: holds {len(pool.index)} vectors, expected {len(examples)}")
+            pool._append(examples, embeddings, np.arange(len(examples), dtype=np.int64))
+        elif examples:
+            pool.extend(examples, embeddings)
+        return pool

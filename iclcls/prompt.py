@@ -1,0 +1,125 @@
+"""Prompt rendering with Jinja2 templates from ``prompts/``, fitted to the LM's context window.
+
+Demonstrations are dropped (the first, least relevant ones under least-to-most ordering)
+until the prompt fits; the query and the candidate labels are never dropped; an overlong
+query is truncated as a last resort. Every such change is reported in the result's trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+
+from iclcls.shortlist.label_retriever import label_text
+from iclcls.types import Example
+
+
+@lru_cache(maxsize=None)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resources.files("iclcls.prompts"))),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=False,
+        autoescape=False,
+    )
+
+
+def get_template(name_or_path: str) -> jinja2.Template:
+    """A packaged template by name (``classify``) or a path to a ``.jinja`` file."""
+    p = Path(name_or_path)
+    if p.suffix == ".jinja" and p.is_file():
+        return jinja2.Template(p.read_text(encoding="utf-8"), undefined=jinja2.StrictUndefined,
+                               trim_blocks=True, lstrip_blocks=True)
+    try:
+        return _env().get_template(f"{name_or_path}.jinja")
+    except jinja2.TemplateNotFound:
+        names = sorted(x.name[:-6] for x in resources.files("iclcls.prompts").iterdir() if x.name.endswith(".jinja"))
+        raise KeyError(f"no prompt template {name_or_path!r}; packaged: {', '.join(names)}") from None
+
+
+def render(template: str, **variables) -> str:
+    return get_template(template).render(**variables).strip("\n")
+
+
+@dataclass
+class RenderedPrompt:
+    text: str
+    tokens: int
+    demonstrations: list[int]  # pool positions actually in the prompt, in order
+    trace: dict = field(default_factory=dict)
+
+
+@dataclass
+class PromptBuilder:
+    """Renders the classification prompt; labels are shown through ``verbalize`` (underscores -> spaces)."""
+
+    template: str = "classify"
+    instructions: str = "Classify the input into one of the possible labels."
+    input_prefix: str = "Input: "
+    label_prefix: str = "Label:"
+    show_candidates: bool = True
+    max_query_chars: int = 2000
+    verbalize: Callable[[str], str] = label_text
+
+    def render(self, query: str, demonstrations: Sequence[Example], candidates: Sequence[str]) -> str:
+        demos = [
+            {"text": d.text, "labels": [self.verbalize(lab) for lab in d.labels]} for d in demonstrations
+        ]
+        return render(
+            self.template,
+            instructions=self.instructions,
+            candidates=[self.verbalize(c) for c in candidates] if self.show_candidates else [],
+            demonstrations=demos,
+            query=query,
+            input_prefix=self.input_prefix,
+            label_prefix=self.label_prefix,
+        )
+
+    def build(
+        self,
+        query: str,
+        demo_ids: Sequence[int],
+        pool_examples: Sequence[Example],
+        candidates: Sequence[str],
+        *,
+        count_tokens: Callable[[str], int] | None,
+        budget: int | None,
+    ) -> RenderedPrompt:
+        """Render, dropping demonstrations from the front until the prompt fits ``budget`` tokens."""
+        trace: dict = {}
+        ids = list(demo_ids)
+        if len(query) > self.max_query_chars:
+            query = query[: self.max_query_chars]
+            trace["query_truncated_chars"] = self.max_query_chars
+        text = self.render(query, [pool_examples[i] for i in ids], candidates)
+        if count_tokens is None or budget is None:
+            return RenderedPrompt(text, 0, ids, trace)
+        n = count_tokens(text)
+        dropped = 0
+        while n > budget and ids:
+            # Drop several at once when far over budget; exact count is re-measured each time.
+            step = max(1, int(len(ids) * (n - budget) / max(n, 1)))
+            ids = ids[step:]
+            dropped += step
+            text = self.render(query, [pool_examples[i] for i in ids], candidates)
+            n = count_tokens(text)
+        if dropped:
+            trace["dropped_demonstrations"] = dropped
+        while n > budget and len(query) > 16:
+            query = query[: int(len(query) * budget / n * 0.95)]
+            text = self.render(query, [], candidates)
+            n = count_tokens(text)
+            trace["query_truncated_chars"] = len(query)
+        if n > budget:
+            raise ValueError(
+                f"the prompt needs {n} tokens with no demonstrations and a truncated query, over the "
+                f"budget of {budget}: too many candidate labels for this context window; lower the shortlist k"
+            )
+        return RenderedPrompt(text, n, ids, trace)

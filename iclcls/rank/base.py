@@ -1,0 +1,85 @@
+"""Rankers: order a query's candidate labels, with or without the LM.
+
+Protocol: ``rank(ctx) -> list[Ranking]``; ``needs_lm`` says whether prompts must be built.
+Rankers that learn from validation data (fusion weight, multi-label threshold) implement
+``tune(rankings, gold)`` over rankings already computed, so tuning costs no extra LM calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from iclcls.lm.base import LM
+from iclcls.pool import Candidates, Pool, Query
+from iclcls.prompt import PromptBuilder, RenderedPrompt
+from iclcls.registry import Registry
+
+
+@dataclass
+class RankContext:
+    lm: LM | None
+    queries: Sequence[Query]
+    candidates: Sequence[Candidates]
+    prompts: Sequence[RenderedPrompt]
+    builder: PromptBuilder
+    pool: Pool
+
+
+@dataclass
+class Ranking:
+    labels: list[str]
+    scores: np.ndarray
+    trace: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Ranker(Protocol):
+    needs_lm: bool
+
+    def rank(self, ctx: RankContext) -> list[Ranking]: ...
+
+
+class BaseRanker:
+    needs_lm = True
+
+    def rank(self, ctx: RankContext) -> list[Ranking]:
+        raise NotImplementedError
+
+    def tune(self, traces: Sequence[dict[str, Any]], gold: Sequence[Sequence[str]]) -> dict[str, Any]:
+        """Fit options from validation traces; return what was tuned (empty: nothing to tune)."""
+        return {}
+
+    def tuned_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_tuned_state(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def sort_ranking(labels: Sequence[str], scores: np.ndarray, trace: dict | None = None) -> Ranking:
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return Ranking([labels[i] for i in order], np.asarray(scores, dtype=np.float64)[order], trace or {})
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if not len(x):
+        return x
+    m = x.max()
+    return x - m - np.log(np.exp(x - m).sum())
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < 2:
+        return np.zeros_like(x)
+    sd = x.std()
+    return (x - x.mean()) / sd if sd > 1e-12 else np.zeros_like(x)
+
+
+RANKERS: Registry[Ranker] = Registry("ranker")
