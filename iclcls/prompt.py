@@ -20,9 +20,18 @@ from iclcls.types import Example
 
 
 @lru_cache(maxsize=None)
+def prompts_dir() -> Path:
+    """The packaged templates: ``iclcls.prompts`` in a wheel, the top-level ``prompts/`` in a checkout."""
+    checkout = Path(__file__).resolve().parents[1] / "prompts"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("iclcls.prompts")))
+
+
+@lru_cache(maxsize=None)
 def _env() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(resources.files("iclcls.prompts"))),
+        loader=jinja2.FileSystemLoader(str(prompts_dir())),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -40,7 +49,7 @@ def get_template(name_or_path: str) -> jinja2.Template:
     try:
         return _env().get_template(f"{name_or_path}.jinja")
     except jinja2.TemplateNotFound:
-        names = sorted(x.name[:-6] for x in resources.files("iclcls.prompts").iterdir() if x.name.endswith(".jinja"))
+        names = sorted(x.stem for x in prompts_dir().glob("*.jinja"))
         raise KeyError(f"no prompt template {name_or_path!r}; packaged: {', '.join(names)}") from None
 
 
