@@ -220,6 +220,7 @@ def main() -> None:
             "index": index_rows,
             "env": {
                 "cpu_count": os.cpu_count(),
+                "load_avg_1_5_15m_at_end": list(os.getloadavg()),
                 "machine": platform.machine(),
                 "python": platform.python_version(),
                 "torch": torch.__version__,

@@ -125,6 +125,7 @@ def test_cache_hit_skips_model(st, tmp_path):
     assert counting.calls[-1] == ["new text", "another new"]  # only the misses
     np.testing.assert_array_equal(mixed[1], first[1])
     assert cached.hits == 4 + 1 and cached.misses == 3 + 2
+    assert cached.stored_rows() == 5
     assert cached.encode([]).shape == (0, 384)
 
 

@@ -140,8 +140,11 @@ class CachedEmbedder:
             self.misses += len(missing)
         return out
 
-    def __len__(self) -> int:
-        """Rows stored in the cache folder (all embedders sharing it)."""
+    def stored_rows(self) -> int:
+        """Rows stored in the cache folder (all embedders sharing it).
+
+        Not ``__len__``: an empty cache must not make the embedder falsy.
+        """
         return len(self._cache)
 
     def close(self) -> None:
