@@ -165,9 +165,15 @@ class ICLClassifier(BaseEstimator):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
-    def _build_stages(self) -> None:
+    def _build_stages(self, *, selector_state: tuple[dict, dict] | None = None) -> None:
         self.shortlister_ = _build(self.shortlist, SHORTLISTERS).fit(self.pool_)
-        self.selector_ = _build(self.select, SELECTORS).fit(self.pool_) if self.select is not None else None
+        self.selector_ = _build(self.select, SELECTORS) if self.select is not None else None
+        if self.selector_ is not None:
+            # A saved selector state replaces fitting (a trained selector is not retrained on load).
+            if selector_state is not None and hasattr(self.selector_, "load_state_dict"):
+                self.selector_.load_state_dict(self.pool_, *selector_state)
+            else:
+                self.selector_ = self.selector_.fit(self.pool_)
         self.ranker_ = _build(self.rank, RANKERS)
         self.inferrer_ = _build(self.infer, INFERRERS)
         self.builder_ = PromptBuilder(**(self.prompt or {}))
@@ -178,6 +184,8 @@ class ICLClassifier(BaseEstimator):
                 f"rank={self.rank!r}{' and infer' if self.inferrer_ else ''} need an LM: pass lm= "
                 "(e.g. 'smollm2'), or use rank='retriever' for the retriever alone"
             )
+        if self.lm_ is not None and hasattr(self.selector_, "bind_lm"):
+            self.selector_.bind_lm(self.lm_)  # e.g. many-shot sizes its demonstrations to the context
 
     @property
     def classes_(self) -> list[str]:
@@ -386,12 +394,13 @@ class ICLClassifier(BaseEstimator):
                 "pass embedder= the same model"
             )
         clf.pool_ = Pool.load(d / "pool", clf.embedder_)
-        clf._build_stages()
-        for key, stage in (("shortlist", clf.shortlister_), ("select", clf.selector_)):
-            info = cfg.get("stages", {}).get(key)
-            if info and stage is not None and hasattr(stage, "load_state_dict"):
-                arrays = {n: load_npy(d / "stages" / f"{key}.{n}.npy") for n in info["arrays"]}
-                stage.load_state_dict(clf.pool_, info["meta"], arrays)
+        states = {}
+        for key, info in cfg.get("stages", {}).items():
+            if info:
+                states[key] = (info["meta"], {n: load_npy(d / "stages" / f"{key}.{n}.npy") for n in info["arrays"]})
+        clf._build_stages(selector_state=states.get("select"))
+        if "shortlist" in states and hasattr(clf.shortlister_, "load_state_dict"):
+            clf.shortlister_.load_state_dict(clf.pool_, *states["shortlist"])
         if hasattr(clf.ranker_, "load_tuned_state"):
             clf.ranker_.load_tuned_state(cfg.get("ranker_state", {}))
         clf.tuned_ = cfg.get("tuned", {})

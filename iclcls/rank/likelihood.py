@@ -4,9 +4,14 @@ One ``LM.score_batch`` call per batch (the transformers backend shares the promp
 cache across candidates). Scores are log-probabilities normalised over the candidates.
 Calibration (Zhao et al. 2021; Fei et al. 2023) divides by the label probabilities under a
 content-free input: ``contextual`` uses "N/A", ``domain`` random words from the pool.
+When every prompt of a batch starts with the same demonstrations (many-shot), that shared
+text is passed as ``score_batch(..., shared_prefix=...)`` to LMs that accept it, which then
+reuse its KV cache across queries and batches.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 
@@ -50,7 +55,11 @@ class LikelihoodRanker(BaseRanker):
                 demos = [ctx.pool.examples[i] for i in p.demonstrations]
                 cf = ctx.builder.render(self._content_free(ctx, qi), demos, c.labels)
                 requests.append((cf, [" " + verbal(lab) for lab in c.labels]))
-        token_scores = ctx.lm.score_batch(requests)
+        prefix = shared_prefix(ctx)
+        if prefix and all(r[0].startswith(prefix) for r in requests):
+            token_scores = ctx.lm.score_batch(requests, shared_prefix=prefix)
+        else:
+            token_scores = ctx.lm.score_batch(requests)
         n = len(ctx.prompts)
         out = []
         for qi, c in enumerate(ctx.candidates):
@@ -64,3 +73,43 @@ class LikelihoodRanker(BaseRanker):
             trace["lm_score"] = dict(zip(c.labels, scores.round(5).tolist()))
             out.append(sort_ranking(c.labels, scores, trace))
         return out
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _fixed_text(ctx: RankContext, demos: list) -> str:
+    """The text a prompt with ``demos`` has before any per-query content (cut at a line end)."""
+    a = ctx.builder.render("\x00", demos, ["\x00"])
+    b = ctx.builder.render("\x01", demos, ["\x01"])
+    n = _common_prefix(a, b)
+    return a[: a.rfind("\n", 0, n) + 1]
+
+
+def shared_prefix(ctx: RankContext) -> str | None:
+    """The demonstrations prefix all of the batch's prompts share, if the LM can reuse it; else None.
+
+    Only when every prompt has the same demonstrations and the template puts them before
+    anything query-specific (so the shared text holds more than the instructions).
+    """
+    try:
+        params = inspect.signature(ctx.lm.score_batch).parameters
+    except (TypeError, ValueError):
+        return None
+    if "shared_prefix" not in params or not ctx.prompts:
+        return None
+    demo_sets = {tuple(p.demonstrations) for p in ctx.prompts}
+    if len(demo_sets) != 1:
+        return None
+    ids = demo_sets.pop()
+    if not ids:
+        return None
+    prefix = _fixed_text(ctx, [ctx.pool.examples[i] for i in ids])
+    if len(prefix) <= len(_fixed_text(ctx, [])):
+        return None
+    return prefix
