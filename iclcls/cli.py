@@ -175,5 +175,66 @@ def study(
     console.print(f"report: {target / 'report.md'}", highlight=False)
 
 
+@app.command("eval")
+def eval_(
+    config: Path = typer.Argument(..., help="experiment YAML with data:, classifier: and eval: sections"),
+    more_axes: Optional[list[str]] = typer.Argument(None, help="more sweep axes after --sweep, e.g. shots=2,4,8", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<config name>)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="override data.data_dir"),
+    test_size: Optional[int] = typer.Option(None, "--test-size", min=1, help="override data.test_size (a seeded subset)"),
+    sweep: Optional[list[str]] = typer.Option(None, "--sweep", help="a grid axis KEY=V1,V2,... (repeatable; more axes may follow)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override one option, KEY=VALUE (repeatable), e.g. classifier.shots=4"),
+    force: bool = typer.Option(False, "--force", help="discard a run of a different config (or a finished run) in --out"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Run an experiment: fit, predict (checkpointed; re-run to resume), score, and write
+    metrics.json, predictions.jsonl, report.md (+ plots) and the resolved config to --out."""
+    import shlex
+
+    from iclcls.config import EvalConfig, load_yaml, parse
+    from iclcls.evaluate import ResumeError, apply_overrides, parse_assignments, run_eval, run_sweep
+
+    _EVAL_SHOW = ("accuracy", "micro_f1", "macro_f1", "rp@5", "rp@10", "r@10", "r@50")
+    argv = ["iclcls", "eval", str(config)]
+    argv += [x for s in (sweep or []) for x in ("--sweep", s)] + list(more_axes or [])
+    argv += [x for s in (set_ or []) for x in ("--set", s)]
+    for flag, value in (("--out", out), ("--data-dir", data_dir), ("--test-size", test_size)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--force"] if force else []
+    command = " ".join(shlex.quote(a) for a in argv)
+    try:
+        overrides = parse_assignments(set_ or [])
+        if data_dir is not None:
+            overrides["data.data_dir"] = str(data_dir)
+        if test_size is not None:
+            overrides["data.test_size"] = test_size
+        axes_items = list(sweep or []) + list(more_axes or [])
+        if more_axes and not sweep:
+            raise ValueError(f"unexpected arguments {more_axes}: sweep axes follow --sweep (e.g. --sweep select=knn,random shots=2,4)")
+        axes = parse_assignments(axes_items, grid=True)
+        raw = apply_overrides(load_yaml(config), overrides)
+        cfg = parse(EvalConfig, raw, config)
+        name = cfg.eval.name or config.stem
+        target = out or Path("runs") / name
+        if axes:
+            results = run_sweep(raw, axes, target, source=config, force=force, command=command, show_progress=not quiet)
+            for point, res in results:
+                console.print(f"{point}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items() if k in _EVAL_SHOW), highlight=False)
+            console.print(f"sweep report: {target / 'report.md'}", highlight=False)
+            return
+        cfg.eval.name = name
+        res = run_eval(cfg, target, force=force, command=command, show_progress=not quiet)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: finished examples are checkpointed; run the same command again to resume")
+        raise typer.Exit(130)
+    except (ResumeError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        _fail(str(e))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items() if k in _EVAL_SHOW)
+    done = f"{res.computed} predicted now" + (f", {len(res.records) - res.computed} from earlier" if res.computed < len(res.records) else "")
+    console.print(f"{name}: {shown} (n={len(res.records)}; {done})", highlight=False)
+    console.print(f"report: {target / 'report.md'}", highlight=False)
+
+
 if __name__ == "__main__":
     app()

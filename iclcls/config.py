@@ -7,7 +7,7 @@ part of the library, and a sweep is a change of one key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,6 +24,7 @@ class DataConfig(BaseModel):
     test: str | None = None
     text_field: str = "text"
     label_field: str = "label"
+    train_size: int | None = Field(default=None, ge=1, description="a seeded random subset of the train split (the pool)")
     test_size: int | None = Field(default=None, ge=1, description="a seeded random subset of the test split")
     validation_size: int | None = Field(default=200, ge=1)
     seed: int = 0
@@ -76,6 +77,48 @@ class FitConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
     data: DataConfig
     classifier: ClassifierConfig = ClassifierConfig()
+
+
+class ReferenceResult(BaseModel):
+    """Published numbers to print beside ours (in percent, as papers print them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    percent: dict[str, float]
+
+
+class EvalOptions(BaseModel):
+    """How ``iclcls eval`` scores and reports a run."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, description="run name (default: the config file's stem)")
+    split: Literal["test", "validation"] = "test"
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="k for P@k, R@k, RP@k, nDCG@k")
+    primary: str | None = Field(default=None, description="the headline metric (default: accuracy, or micro_f1 for multi-label)")
+    checkpoint_every: int | None = Field(default=None, ge=1, description="examples per checkpointed chunk (default: batch_size)")
+    per_class: bool = Field(default=True, description="single-label: plot per-class accuracy with Wilson intervals")
+    references: list[ReferenceResult] = Field(default_factory=list)
+    notes: str | None = Field(default=None, description="free text for the report (subsets used, caveats)")
+
+    @model_validator(mode="after")
+    def _positive_ks(self) -> EvalOptions:
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"ks must be a non-empty list of integers >= 1, got {self.ks}")
+        self.ks = sorted(set(self.ks))
+        return self
+
+
+class EvalConfig(BaseModel):
+    """An experiment: data, classifier, and evaluation options.
+
+    In a classifier stage spec, ``priors: benchmark`` stands for the benchmark's label
+    priors (ESCO), filled in when the run starts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    data: DataConfig
+    classifier: ClassifierConfig = ClassifierConfig()
+    eval: EvalOptions = EvalOptions()
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

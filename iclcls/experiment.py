@@ -47,7 +47,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         name, multi, priors = cfg.train, any(len(e.labels) > 1 for e in train), None
     return Splits(
         name=name,
-        train=train,
+        train=subset(train, cfg.train_size, cfg.seed),
         validation=subset(val, cfg.validation_size, cfg.seed),
         test=subset(test, cfg.test_size, cfg.seed),
         labels=labels,
