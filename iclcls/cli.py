@@ -138,43 +138,6 @@ def fit(
     console.print(f"saved to {out} ({len(clf.pool_)} pool examples, {len(clf.classes_)} labels; tuned: {clf.tuned_})")
 
 
-@app.command("study")
-def study(
-    config: Path = typer.Argument(..., help="study YAML: data:, classifier:, eval: and study: (selectors, shots, seeds)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="study directory (default: runs/<config name>)"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override one fixed option, KEY=VALUE (repeatable)"),
-    force: bool = typer.Option(False, "--force", help="discard runs of a different config in --out"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
-) -> None:
-    """Run a demonstration-selection study (selectors x shots x seeds, all else fixed; re-run to
-    resume) and write metrics.json, summary.json, report.md and a plot of accuracy against shots."""
-    import shlex
-
-    from iclcls.evaluate import ResumeError, parse_assignments
-    from iclcls.study import run_study
-
-    argv = ["iclcls", "study", str(config)] + [x for s in (set_ or []) for x in ("--set", s)]
-    argv += ["--out", str(out)] if out is not None else []
-    argv += ["--force"] if force else []
-    study_command = " ".join(shlex.quote(a) for a in argv)
-    try:
-        overrides = parse_assignments(set_ or [])
-        target = out or Path("runs") / config.stem
-        res = run_study(config, target, overrides=overrides, force=force, show_progress=not quiet, command=study_command)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: finished examples are checkpointed; run the same command again to resume")
-        raise typer.Exit(130)
-    except (ResumeError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
-        _fail(str(e))
-    for s in res.summary:
-        console.print(
-            f"{s['select']:>16} {s['shots']:>3} shots: accuracy {100 * s['accuracy_mean']:.2f} ± "
-            f"{100 * s['accuracy_std']:.2f}" + (" (deterministic)" if s["deterministic"] else ""),
-            highlight=False,
-        )
-    console.print(f"report: {target / 'report.md'}", highlight=False)
-
-
 @app.command("eval")
 def eval_(
     config: Path = typer.Argument(..., help="experiment YAML with data:, classifier: and eval: sections"),
@@ -233,6 +196,43 @@ def eval_(
     shown = ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items() if k in _EVAL_SHOW)
     done = f"{res.computed} predicted now" + (f", {len(res.records) - res.computed} from earlier" if res.computed < len(res.records) else "")
     console.print(f"{name}: {shown} (n={len(res.records)}; {done})", highlight=False)
+    console.print(f"report: {target / 'report.md'}", highlight=False)
+
+
+@app.command("study")
+def study(
+    config: Path = typer.Argument(..., help="study YAML: data:, classifier:, eval: and study: (selectors, shots, seeds)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="study directory (default: runs/<config name>)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override one fixed option, KEY=VALUE (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="discard runs of a different config in --out"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Run a demonstration-selection study (selectors x shots x seeds, all else fixed; re-run to
+    resume) and write metrics.json, summary.json, report.md and a plot of accuracy against shots."""
+    import shlex
+
+    from iclcls.evaluate import ResumeError, parse_assignments
+    from iclcls.study import run_study
+
+    argv = ["iclcls", "study", str(config)] + [x for s in (set_ or []) for x in ("--set", s)]
+    argv += ["--out", str(out)] if out is not None else []
+    argv += ["--force"] if force else []
+    study_command = " ".join(shlex.quote(a) for a in argv)
+    try:
+        overrides = parse_assignments(set_ or [])
+        target = out or Path("runs") / config.stem
+        res = run_study(config, target, overrides=overrides, force=force, show_progress=not quiet, command=study_command)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: finished examples are checkpointed; run the same command again to resume")
+        raise typer.Exit(130)
+    except (ResumeError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        _fail(str(e))
+    for s in res.summary:
+        console.print(
+            f"{s['select']:>16} {s['shots']:>3} shots: accuracy {100 * s['accuracy_mean']:.2f} ± "
+            f"{100 * s['accuracy_std']:.2f}" + (" (deterministic)" if s["deterministic"] else ""),
+            highlight=False,
+        )
     console.print(f"report: {target / 'report.md'}", highlight=False)
 
 
