@@ -12,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytest_plugins = ["fixtures_lm_servers"]  # vllm_lm, openai_lm: one engine, one server per run
+
 
 def _data_dir() -> Path | None:
     for cand in (os.environ.get("ICLCLS_DATA"), REPO.parent / "shared" / "data"):
