@@ -195,6 +195,10 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], axes: Sequence[str], primary: 
             label = ", ".join(f"{a.split('.')[-1]}={v}" for a, v in zip(others, key)) or primary
             ax.plot([r[x_axis] for r in rs], [100 * r[primary] for r in rs], marker="o", label=label)
         ax.set_xlabel(x_axis.split(".")[-1])
+        xs = [float(r[x_axis]) for r in rows]
+        positive = [x for x in xs if x > 0]
+        if positive and min(xs) >= 0 and max(xs) / min(positive) >= 50:  # values over decades
+            ax.set_xscale("symlog", linthresh=min(positive)) if min(xs) == 0 else ax.set_xscale("log")
         if len(groups) > 1 or others:
             ax.legend(frameon=False, fontsize=8)
     else:
@@ -205,6 +209,43 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], axes: Sequence[str], primary: 
     ax.set_ylabel(f"{primary} (%)")
     ax.grid(alpha=0.3)
     ax.set_title(f"{primary} across the sweep", fontsize=10)
+    return _save(fig, Path(path))
+
+
+def fusion_curve(records: Sequence[Mapping[str, Any]], *, grid: int = 21) -> dict[str, list[float]] | None:
+    """Top-1 accuracy of ``w * z(lm) + (1 - w) * z(retriever)`` for w in [0, 1], recomputed from the
+    traces (what the fusion ranker mixes). For reading a run, not for choosing w: that is
+    tuned on validation data."""
+    from iclcls.rank.base import zscore
+
+    traces = [r.get("trace", {}) for r in records]
+    if not records or not all("lm_score" in t and "retriever_score" in t for t in traces):
+        return None
+    weights = np.linspace(0.0, 1.0, grid)
+    hits = np.zeros(grid)
+    for r, t in zip(records, traces):
+        labels = [lab for lab in t["lm_score"] if lab in t["retriever_score"]]
+        if not labels:
+            continue
+        zl = zscore(np.array([t["lm_score"][lab] for lab in labels]))
+        zr = zscore(np.array([t["retriever_score"][lab] for lab in labels]))
+        gold = set(r["gold"])
+        for j, w in enumerate(weights):
+            hits[j] += labels[int(np.argmax(w * zl + (1 - w) * zr))] in gold
+    return {"weight": weights.tolist(), "accuracy": (hits / len(records)).tolist()}
+
+
+def plot_fusion(curve: Mapping[str, list[float]], path: str | Path, *, tuned: float | None, title: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(curve["weight"], 100 * np.array(curve["accuracy"]), marker="o", ms=3)
+    if tuned is not None:
+        ax.axvline(tuned, color="tab:red", ls="--", lw=1, label=f"weight tuned on validation: {tuned:.2f}")
+        ax.legend(frameon=False, fontsize=8)
+    ax.set_xlabel("fusion weight w (0 = retriever alone, 1 = LM alone)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
     return _save(fig, Path(path))
 
 
@@ -265,6 +306,17 @@ def run_report(
         p = plot_per_label_f1(records, out / "per_label_f1.png", title=f"{name}: per-label F1")
         if p:
             plots.append(("per-label F1", p.name))
+    curve = fusion_curve(records)
+    if curve is not None:
+        acc = curve["accuracy"]
+        tuned_w = (info.get("tuned") or {}).get("fusion_weight")
+        p = plot_fusion(curve, out / "fusion.png", tuned=tuned_w, title=f"{name}: LM and retriever fused, on the scored examples")
+        plots.append(("accuracy against the fusion weight", p.name))
+        parts.append(
+            f"\nFrom the traces, top-1 accuracy on these examples: retriever alone {fmt('a', acc[0])}, "
+            f"LM alone {fmt('a', acc[-1])}, best fusion {fmt('a', max(acc))} at w = {curve['weight'][int(np.argmax(acc))]:.2f} "
+            + (f"(the run used w = {tuned_w:.2f}, chosen on validation).\n" if tuned_w is not None else "(the run's w was not tuned).\n")
+        )
     if plots:
         parts.append("\n## Plots\n\n" + "\n\n".join(f"![{alt}]({fname})" for alt, fname in plots) + "\n")
     run_rows = [

@@ -272,3 +272,15 @@ def test_tiny_lm_eval_records_demonstrations_and_prompts(tmp_path, data_dir):
         assert r["text"] in r["trace"]["prompt"] and "lm_score" in r["trace"]
         assert r["prompt_tokens"] > 0
     assert 0 <= res.metrics["accuracy"] <= 1 and res.metrics["n"] == 6
+    assert (tmp_path / "lm" / "fusion.png").is_file() and "LM alone" in (tmp_path / "lm" / "report.md").read_text()
+
+
+def test_fusion_curve_from_traces():
+    from iclcls.report import fusion_curve
+
+    rec = {"gold": ["a"], "trace": {"lm_score": {"a": -0.1, "b": -3.0}, "retriever_score": {"a": 0.2, "b": 0.9}}}
+    curve = fusion_curve([rec, {**rec, "gold": ["b"]}], grid=3)
+    assert curve["weight"] == [0.0, 0.5, 1.0]
+    # w=0 follows the retriever (b), w=1 the LM (a); each is right once out of two
+    assert curve["accuracy"][0] == 0.5 and curve["accuracy"][2] == 0.5
+    assert fusion_curve([{"gold": ["a"], "trace": {"ranker": "retriever"}}]) is None
