@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +151,8 @@ class ICLClassifier(BaseEstimator):
 
         self.embedder_ = get_embedder(self.embedder) if not hasattr(self.embedder, "encode") else self.embedder
         self.pool_ = Pool(self.embedder_, LabelSpace(space.labels, space.descriptions))
-        self.pool_.extend(examples)
-        self._build_stages()
+        self.summaries_ = {}
+        self._build_stages(examples=examples)
         self.tuned_: dict[str, Any] = {}
         if validation:
             self.tune(validation)
@@ -165,18 +166,20 @@ class ICLClassifier(BaseEstimator):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
-    def _build_stages(self, *, selector_state: tuple[dict, dict] | None = None) -> None:
-        self.shortlister_ = _build(self.shortlist, SHORTLISTERS).fit(self.pool_)
-        self.selector_ = _build(self.select, SELECTORS) if self.select is not None else None
-        if self.selector_ is not None:
-            # A saved selector state replaces fitting (a trained selector is not retrained on load).
-            if selector_state is not None and hasattr(self.selector_, "load_state_dict"):
-                self.selector_.load_state_dict(self.pool_, *selector_state)
-            else:
-                self.selector_ = self.selector_.fit(self.pool_)
+    def _build_stages(
+        self,
+        *,
+        selector_state: tuple[dict, dict] | None = None,
+        shortlist_state: tuple[dict, dict] | None = None,
+        examples: Sequence[Example] = (),
+    ) -> None:
+        # The LM and the Infer stage come first: a tags-input shortlister needs tags for the pool.
         self.ranker_ = _build(self.rank, RANKERS)
         self.inferrer_ = _build(self.infer, INFERRERS)
         self.builder_ = PromptBuilder(**(self.prompt or {}))
+        shortlister = _build(self.shortlist, SHORTLISTERS)
+        if getattr(shortlister, "input", "text") == "tags" and self.inferrer_ is None:
+            raise ValueError("the shortlister's input='tags' needs an Infer stage that writes tags: set infer='tags'")
         needs_lm = getattr(self.ranker_, "needs_lm", True) or self.inferrer_ is not None
         self.lm_ = get_lm(self.lm) if needs_lm else None
         if needs_lm and self.lm_ is None:
@@ -184,8 +187,59 @@ class ICLClassifier(BaseEstimator):
                 f"rank={self.rank!r}{' and infer' if self.inferrer_ else ''} need an LM: pass lm= "
                 "(e.g. 'smollm2'), or use rank='retriever' for the retriever alone"
             )
+        if examples:
+            self.pool_.extend(self._with_tags(examples, shortlister))
+        if shortlist_state is not None and hasattr(shortlister, "load_state_dict"):
+            shortlister.load_state_dict(self.pool_, *shortlist_state)  # restores statistics, no refit
+            self.shortlister_ = shortlister
+        else:
+            self.shortlister_ = shortlister.fit(self.pool_)
+        self.selector_ = _build(self.select, SELECTORS) if self.select is not None else None
+        if self.selector_ is not None:
+            # A saved selector state replaces fitting (a trained selector is not retrained on load).
+            if selector_state is not None and hasattr(self.selector_, "load_state_dict"):
+                self.selector_.load_state_dict(self.pool_, *selector_state)
+            else:
+                self.selector_ = self.selector_.fit(self.pool_)
         if self.lm_ is not None and hasattr(self.selector_, "bind_lm"):
             self.selector_.bind_lm(self.lm_)  # e.g. many-shot sizes its demonstrations to the context
+        if not hasattr(self, "summaries_"):
+            self.summaries_: dict[str, str] = {}
+        self.builder_.summaries = self.summaries_
+        self._summarize_missing()
+
+    def _with_tags(self, examples: Sequence[Example], shortlister: Any = None) -> list[Example]:
+        """With a tags-input shortlister (InCA): the Infer stage writes ``metadata['tags']`` per example.
+
+        Examples that already carry tags keep them (so tags can be precomputed or cached).
+        """
+        shortlister = shortlister if shortlister is not None else self.shortlister_
+        examples = list(examples)
+        if getattr(shortlister, "input", "text") != "tags":
+            return examples
+        todo = [i for i, ex in enumerate(examples) if "tags" not in ex.metadata]
+        step = self.batch_size
+        with tqdm(total=len(todo), desc="infer tags", unit="ex", disable=not todo or self.show_progress is False) as bar:
+            for s in range(0, len(todo), step):
+                chunk = todo[s : s + step]
+                tags = self.inferrer_.infer(self.lm_, [examples[i].text for i in chunk])
+                for i, t in zip(chunk, tags):
+                    examples[i] = replace(examples[i], metadata={**examples[i].metadata, "tags": list(t)})
+                bar.update(len(chunk))
+        return examples
+
+    def _summarize_missing(self) -> None:
+        """Class summaries for the prompt (``prompt={"class_summaries": True}``), once per class."""
+        if not getattr(self.builder_, "class_summaries", False) or self.lm_ is None:
+            return
+        from iclcls.summaries import summarize_classes
+
+        missing = [lab for lab in self.pool_.labels if lab not in self.summaries_]
+        if missing:
+            self.summaries_.update(
+                summarize_classes(self.lm_, self.pool_, missing, show_progress=self.show_progress is not False,
+                                  **dict(getattr(self.builder_, "summary_options", {})))
+            )
 
     @property
     def classes_(self) -> list[str]:
@@ -200,16 +254,28 @@ class ICLClassifier(BaseEstimator):
                 raise ValueError(f"add_examples: example {i} has no label")
         if not examples:
             return self
-        new_ids = self.pool_.extend(examples)
+        new_ids = self.pool_.extend(self._with_tags(examples))
         self.shortlister_.update(self.pool_, new_ids)
         if self.selector_ is not None:
             self.selector_.update(self.pool_, new_ids)
+        self._summarize_missing()
         return self
 
-    def add_classes(self, examples: Sequence[Example], *, descriptions: Mapping[str, str] | None = None) -> ICLClassifier:
-        """Add new classes by their examples: statistics update, nothing retrained or forgotten."""
+    def add_classes(
+        self,
+        examples: Sequence[Example],
+        *,
+        descriptions: Mapping[str, str] | None = None,
+        summaries: Mapping[str, str] | None = None,
+    ) -> ICLClassifier:
+        """Add new classes by their examples: statistics update, nothing retrained or forgotten.
+
+        ``summaries`` gives class summaries for the prompt; missing ones are written by the LM
+        when the prompt shows summaries.
+        """
         for lab, desc in (descriptions or {}).items():
             self.pool_.labels.add(lab, desc)
+        self.summaries_.update(summaries or {})
         return self.add_examples(examples)
 
     # -- predict -------------------------------------------------------------------------
@@ -361,6 +427,7 @@ class ICLClassifier(BaseEstimator):
                     "tuned": self.tuned_,
                     "ranker_state": self.ranker_.tuned_state() if hasattr(self.ranker_, "tuned_state") else {},
                     "stages": stages,
+                    "summaries": self.summaries_,
                 },
             )
             _replace_dir(tmp, target)
@@ -398,9 +465,8 @@ class ICLClassifier(BaseEstimator):
         for key, info in cfg.get("stages", {}).items():
             if info:
                 states[key] = (info["meta"], {n: load_npy(d / "stages" / f"{key}.{n}.npy") for n in info["arrays"]})
-        clf._build_stages(selector_state=states.get("select"))
-        if "shortlist" in states and hasattr(clf.shortlister_, "load_state_dict"):
-            clf.shortlister_.load_state_dict(clf.pool_, *states["shortlist"])
+        clf.summaries_ = {str(k): str(v) for k, v in cfg.get("summaries", {}).items()}
+        clf._build_stages(selector_state=states.get("select"), shortlist_state=states.get("shortlist"))
         if hasattr(clf.ranker_, "load_tuned_state"):
             clf.ranker_.load_tuned_state(cfg.get("ranker_state", {}))
         clf.tuned_ = cfg.get("tuned", {})

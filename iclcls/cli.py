@@ -199,6 +199,49 @@ def eval_(
     console.print(f"report: {target / 'report.md'}", highlight=False)
 
 
+
+@app.command("cil")
+def cil(
+    config: Path = typer.Argument(..., help="continual-learning YAML: data:, tasks:, methods: (see eval/configs/cil_*.yaml)"),
+    out: Path = typer.Option(..., "--out", help="folder for metrics.json, report.md and the accuracy-vs-task plot"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated method names to run (default: all)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="override data.data_dir"),
+    test_size: Optional[int] = typer.Option(None, "--test-size", min=1, help="override data.test_size (a seeded subset)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Class-incremental learning: classes arrive task by task; evaluate on all seen classes after each task."""
+    from iclcls.config import load_yaml, parse
+    from iclcls.continual import CILConfig, run_cil
+
+    try:
+        raw = load_yaml(config)
+        data = dict(raw.get("data") or {})
+        if data_dir is not None:
+            data["data_dir"] = str(data_dir)
+        if test_size is not None:
+            data["test_size"] = test_size
+        raw["data"] = data
+        cfg = parse(CILConfig, raw, config)
+        only = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        unknown = sorted(set(only or ()) - {m.name for m in cfg.methods})
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; the config has {[m.name for m in cfg.methods]}")
+        metrics = run_cil(cfg, out, only=only, show_progress=not quiet, config_path=str(config))
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        _fail(str(e))
+    k = cfg.recall_k
+    for name, r in metrics["methods"].items():
+        joint = r.get("joint_accuracy")
+        console.print(
+            f"{name}: final {r['final_accuracy']:.4f}"
+            + (f", avg incremental {r['avg_incremental_accuracy']:.4f}, forgetting {r['forgetting']:.4f}" if r["avg_incremental_accuracy"] is not None else "")
+            + (f", joint {joint:.4f}" if joint is not None else "")
+            + f", recall@{k} {r[f'shortlist_recall_at_{k}']:.4f} (n={r['eval_examples'][-1]})",
+            highlight=False,
+        )
+    console.print(f"report: {out / 'report.md'}", highlight=False)
+
+
 @app.command("study")
 def study(
     config: Path = typer.Argument(..., help="study YAML: data:, classifier:, eval: and study: (selectors, shots, seeds)"),

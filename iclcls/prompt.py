@@ -7,11 +7,12 @@ query is truncated as a last resort. Every such change is reported in the result
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
@@ -76,6 +77,9 @@ class PromptBuilder:
     show_candidates: bool = True
     max_query_chars: int = 2000
     verbalize: Callable[[str], str] = label_text
+    class_summaries: bool = False  # show the candidates' class summaries (InCA); the classifier fills ``summaries``
+    summaries: Mapping[str, str] = field(default_factory=dict)
+    summary_options: Mapping[str, Any] = field(default_factory=dict)  # for iclcls.summaries.summarize_classes
 
     def render(self, query: str, demonstrations: Sequence[Example], candidates: Sequence[str]) -> str:
         demos = [
@@ -89,6 +93,11 @@ class PromptBuilder:
             query=query,
             input_prefix=self.input_prefix,
             label_prefix=self.label_prefix,
+            summaries=[
+                {"label": self.verbalize(c), "summary": self.summaries[c]}
+                for c in candidates
+                if self.class_summaries and self.summaries.get(c)
+            ],
         )
 
     def build(

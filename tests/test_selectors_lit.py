@@ -138,8 +138,13 @@ def test_influence_uses_the_exact_hessian_and_predicts_the_effect_of_upweighting
         assert (val_loss(m2) - base) / eps == pytest.approx(scores[z], rel=0.1, abs=1e-4)
 
 
-def test_influence_selector_holds_out_validation_and_caps_per_class(pool):
-    sel = get_selector("influence", seed=1).fit(pool)
+@pytest.fixture(scope="module")
+def influence(pool):
+    return get_selector("influence", seed=1).fit(pool)
+
+
+def test_influence_selector_holds_out_validation_and_caps_per_class(pool, influence):
+    sel = influence
     info = sel.fit_info_
     assert info["train"] + info["validation"] == len(pool) and info["validation"] >= 77
     assert info["cg_relative_residual"] < 1e-6
@@ -152,8 +157,19 @@ def test_influence_selector_holds_out_validation_and_caps_per_class(pool):
     helpful = [-sel.scores_[i] for i in a]
     assert np.all(np.diff(helpful) >= 0), "most helpful last, next to the query"
     assert sel.chosen(16)[:4] == sel.chosen(4)
-    two = get_selector("influence", seed=1, per_class=2).fit(pool).select(q[:1], [None], 10)[0]
+    sel.per_class = 2
+    try:
+        two = sel.select(q[:1], [None], 10)[0]
+    finally:
+        sel.per_class = None
     assert max(np.unique([pool.examples[i].label for i in two], return_counts=True)[1]) == 2
+    sel.restrict_to_candidates = True  # the per-query variant: top-R of the candidate classes
+    try:
+        near = sel.select(q, [Candidates(["top_up_failed", "card_not_working"], np.ones(2))] * 2, 4)
+    finally:
+        sel.restrict_to_candidates = False
+    labels = [pool.examples[i].label for i in near[0]]
+    assert sorted(labels) == ["card_not_working"] * 2 + ["top_up_failed"] * 2
 
 
 def test_influence_selector_reads_validation_from_a_benchmark_and_a_file(pool, data_dir):

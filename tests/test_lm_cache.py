@@ -1,0 +1,153 @@
+"""The request cache: hits never reach the backend, results are identical, and it persists."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from iclcls.lm.base import BaseLM
+from iclcls.lm.cache import CachedLM
+
+
+class CountingLM(BaseLM):
+    """The real backend behind a thin wrapper that records every item sent to it."""
+
+    def __init__(self, lm: Any) -> None:
+        self.lm = lm
+        self.name = lm.name
+        self.sent: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def _record(self, method: str, items: Sequence[Any]) -> None:
+        with self._lock:
+            self.sent.extend((method, item) for item in items)
+
+    @property
+    def context_window(self) -> int:
+        return self.lm.context_window
+
+    def count_tokens(self, text: str) -> int:
+        return self.lm.count_tokens(text)
+
+    def generate(self, prompts, **kw):
+        self._record("generate", prompts)
+        return self.lm.generate(prompts, **kw)
+
+    def chat(self, conversations, **kw):
+        self._record("chat", conversations)
+        return self.lm.chat(conversations, **kw)
+
+    def score_batch(self, requests, **kw):
+        self._record("score", [(p, c) for p, conts in requests for c in conts])
+        return self.lm.score_batch(requests, **kw)
+
+
+@pytest.fixture
+def counting(smollm) -> CountingLM:
+    return CountingLM(smollm)
+
+
+REQUESTS = [
+    ("The capital of France is", [" Paris", " banana", " a city"]),
+    ("Monday, Tuesday, Wednesday,", [" Thursday", " Paris"]),
+]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert len(x) == len(y)
+        for u, v in zip(x, y):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_score_hits_skip_the_backend(counting, tmp_path):
+    lm = CachedLM(counting, cache_dir=tmp_path)
+    first = lm.score_batch(REQUESTS)
+    assert (lm.hits, lm.misses) == (0, 5)
+    assert len(counting.sent) == 5
+    assert_same(first, counting.lm.score_batch(REQUESTS))
+
+    second = lm.score_batch(REQUESTS)
+    assert len(counting.sent) == 5  # nothing new reached the backend
+    assert (lm.hits, lm.misses) == (5, 5)
+    assert_same(first, second)
+
+    # A partly cached request sends only its new continuations, still grouped by prompt.
+    third = lm.score_batch([(REQUESTS[0][0], [" banana", " Lyon", " Paris", " Lyon"])])
+    assert counting.sent[5:] == [("score", (REQUESTS[0][0], " Lyon"))]
+    np.testing.assert_array_equal(third[0][0], first[0][1])
+    np.testing.assert_array_equal(third[0][1], third[0][3])
+    assert lm.score(REQUESTS[0][0], [" Paris"]) == pytest.approx([float(first[0][0].sum())])
+
+
+def test_generate_and_chat_are_cached(counting, tmp_path):
+    lm = CachedLM(counting, cache_dir=tmp_path)
+    prompts = ["Once upon a time", "The capital of France is"]
+    out = lm.generate(prompts, max_tokens=8)
+    assert lm.generate(prompts, max_tokens=8) == out
+    assert [m for m, _ in counting.sent] == ["generate", "generate"]
+    lm.generate(prompts[:1], max_tokens=9)  # other parameters: another key
+    assert len(counting.sent) == 3
+
+    conv = [{"role": "user", "content": "Say hello."}]
+    reply = lm.chat([conv], max_tokens=8)
+    assert lm.chat([conv], max_tokens=8) == reply
+    assert sum(m == "chat" for m, _ in counting.sent) == 1
+
+
+def test_cache_persists_across_instances_as_plain_json(counting, tmp_path):
+    first = CachedLM(counting, cache_dir=tmp_path)
+    want = first.score_batch(REQUESTS)
+    first.close()
+    again = CachedLM(counting, cache_dir=tmp_path)
+    assert_same(again.score_batch(REQUESTS), want)
+    assert again.hits == 5 and again.misses == 0
+    assert len(counting.sent) == 5
+    again.close()
+    # Values are JSON text in SQLite (never pickles): read them back without diskcache.
+    with sqlite3.connect(tmp_path / "cache.db") as db:
+        rows = db.execute("SELECT key, value, mode FROM Cache").fetchall()
+    assert len(rows) == 5
+    assert all(isinstance(k, str) and isinstance(v, str) and v.startswith("[") for k, v, _ in rows)
+
+
+def test_two_threads_write_concurrently(counting, tmp_path):
+    lm = CachedLM(counting, cache_dir=tmp_path)
+    jobs = [
+        [(f"Item {i}: the colour of the sky is", [" blue", " green"]) for i in range(3)],
+        [(f"Item {i}: the colour of grass is", [" green", " blue"]) for i in range(3)],
+    ]
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            results[t] = lm.score_batch(jobs[t])
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert lm.misses == 12 and len(counting.sent) == 12
+    reread = CachedLM(counting, cache_dir=tmp_path)
+    for t in range(2):
+        assert_same(reread.score_batch(jobs[t]), results[t])
+    assert reread.hits == 12 and len(counting.sent) == 12
+
+
+def test_delegates_sizes_and_name(smollm, tmp_path):
+    lm = CachedLM(smollm, cache_dir=tmp_path)
+    assert lm.name == smollm.name
+    assert lm.context_window == smollm.context_window
+    assert lm.count_tokens("hello world") == smollm.count_tokens("hello world")
+    assert lm.score_naive.__self__ is smollm  # backend extras pass through
