@@ -17,7 +17,6 @@ random covariance. The benchmarks run on vectors directly (text embeddings, not 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
