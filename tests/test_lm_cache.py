@@ -21,6 +21,7 @@ class CountingLM(BaseLM):
         self.lm = lm
         self.name = lm.name
         self.sent: list[tuple[str, Any]] = []
+        self.prefixes: list[str | None] = []
         self._lock = threading.Lock()
 
     def _record(self, method: str, items: Sequence[Any]) -> None:
@@ -42,9 +43,10 @@ class CountingLM(BaseLM):
         self._record("chat", conversations)
         return self.lm.chat(conversations, **kw)
 
-    def score_batch(self, requests, **kw):
+    def score_batch(self, requests, *, shared_prefix=None):
         self._record("score", [(p, c) for p, conts in requests for c in conts])
-        return self.lm.score_batch(requests, **kw)
+        self.prefixes.append(shared_prefix)
+        return self.lm.score_batch(requests, shared_prefix=shared_prefix)
 
 
 @pytest.fixture
@@ -143,6 +145,16 @@ def test_two_threads_write_concurrently(counting, tmp_path):
     for t in range(2):
         assert_same(reread.score_batch(jobs[t]), results[t])
     assert reread.hits == 12 and len(counting.sent) == 12
+
+
+def test_shared_prefix_hint_reaches_the_backend_but_not_the_key(counting, tmp_path):
+    lm = CachedLM(counting, cache_dir=tmp_path)
+    prefix = "Answer with one word.\n"
+    requests = [(prefix + "The capital of France is", [" Paris", " Rome"])]
+    with_hint = lm.score_batch(requests, shared_prefix=prefix)
+    assert counting.prefixes == [prefix]
+    assert_same(lm.score_batch(requests), with_hint)  # same key without the hint: a hit
+    assert lm.hits == 2 and len(counting.sent) == 2
 
 
 def test_delegates_sizes_and_name(smollm, tmp_path):

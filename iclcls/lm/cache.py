@@ -14,6 +14,7 @@ the cache never unpickles anything.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import threading
 from collections.abc import Sequence
@@ -56,6 +57,10 @@ class CachedLM(BaseLM):
         self.name = lm.name
         self.directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "lm_requests"
         self._store = diskcache.Cache(str(self.directory), size_limit=size_limit)
+        try:
+            self._takes_prefix = "shared_prefix" in inspect.signature(lm.score_batch).parameters
+        except (TypeError, ValueError):
+            self._takes_prefix = False
         self._count_lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -166,12 +171,15 @@ class CachedLM(BaseLM):
             lambda todo: self.lm.chat(todo, max_tokens=max_tokens, temperature=temperature, stop=stop, seed=seed),
         )
 
-    def score_batch(self, requests: Sequence[ScoreRequest], **options: Any) -> list[list[np.ndarray]]:
+    def score_batch(
+        self, requests: Sequence[ScoreRequest], *, shared_prefix: str | None = None
+    ) -> list[list[np.ndarray]]:
         """Each (prompt, continuation) is cached on its own; misses go out grouped by prompt.
 
-        ``options`` (e.g. ``shared_prefix``) are passed to the backend but are not part of
-        the key: they change how scores are computed, not what they are.
+        ``shared_prefix`` (a KV-reuse hint) reaches backends that accept it and is not part
+        of the key: it changes how scores are computed, not what they are.
         """
+        options = {"shared_prefix": shared_prefix} if shared_prefix is not None and self._takes_prefix else {}
         requests = [(p, list(c)) for p, c in requests]
         keys = [[request_key(self.name, "score", p, c) for c in conts] for p, conts in requests]
         found = self._lookup([k for ks in keys for k in ks])
