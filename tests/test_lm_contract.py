@@ -6,6 +6,8 @@ server (started on the same SmolLM2 weights) are slow to start, hence ``slow``.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -90,11 +92,19 @@ def test_chat_returns_text(lm):
     assert len(out) == 1 and isinstance(out[0], str) and out[0].strip()
 
 
+def tiny_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_chat_with_an_image_raises_capability_error(lm):
     conv = [
         {
             "role": "user",
-            "content": [{"type": "text", "text": "What is in this picture?"}, {"type": "image", "image": b"\x89PNG"}],
+            "content": [{"type": "text", "text": "What is in this picture?"}, {"type": "image", "image": tiny_png()}],
         }
     ]
     with pytest.raises(CapabilityError, match="image"):
