@@ -12,6 +12,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One math thread per process: the suite runs a vLLM engine and server beside the test
+# process on a 2-core machine, and oversubscribed OpenMP threads made SmolLM2 10-30x slower
+# there. Set OMP_NUM_THREADS yourself to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 pytest_plugins = ["fixtures_lm_servers"]  # vllm_lm, openai_lm: one engine, one server per run
 
 

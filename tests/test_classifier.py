@@ -24,7 +24,7 @@ def sample():
 @pytest.fixture(scope="module")
 def banking(data_dir):
     b = load_benchmark("banking77_10shot", data_dir=data_dir)
-    return b.train, subset(b.test, 40, 1), subset(b.validation, 30, 1)
+    return b.train, subset(b.test, 24, 1), subset(b.validation, 16, 1)
 
 
 def test_retriever_only_fit_predict_and_prediction_contents(sample):
