@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from iclcls.config import DataConfig
+from iclcls.data.benchmark import Benchmark
 from iclcls.types import Example, LabelSpace
 
-
-@dataclass
-class Splits:
-    name: str
-    train: list[Example]
-    validation: list[Example]
-    test: list[Example]
-    labels: LabelSpace
-    multi_label: bool = False
-    priors: dict[str, float] | None = None
+Splits = Benchmark  # an experiment's splits are a benchmark, subsetted as configured
 
 
 def subset(examples: list[Example], n: int | None, seed: int) -> list[Example]:
