@@ -447,7 +447,7 @@ def plot_study(summary: Sequence[Mapping[str, Any]], path: Path, *, reference: f
     ax.set_xlabel("demonstrations (shots)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("accuracy against shots (mean ± std over seeds)", fontsize=10)
     return _save(fig, path)
 
