@@ -436,7 +436,9 @@ class ICLClassifier(BaseEstimator):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def load(cls, directory: str | Path, *, lm: Any = None, embedder: Any = None) -> ICLClassifier:
+    def load(
+        cls, directory: str | Path, *, lm: Any = None, embedder: Any = None, trust: bool = False
+    ) -> ICLClassifier:
         """Rebuild a saved classifier. ``lm`` overrides the saved LM spec (needed if it was an object)."""
         d = Path(directory)
         if not (d / "config.json").is_file():
