@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,11 +24,13 @@ from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
 from iclcls.infer import INFERRERS
-from iclcls.io import atomic_write_json, load_npy, read_json, save_npy
+from iclcls.errors import UntrustedStateError
+from iclcls.io import atomic_write_json, fsync_dir, fsync_tree, load_npy, read_json, save_npy
 from iclcls.lm import get_lm
 from iclcls.pool import Candidates, Pool, Query
 from iclcls.prompt import PromptBuilder
 from iclcls.rank import RANKERS, RankContext
+from iclcls.rank.base import BaseRanker
 from iclcls.registry import Registry
 from iclcls.select import SELECTORS
 from iclcls.shortlist import SHORTLISTERS
@@ -130,8 +133,24 @@ class ICLClassifier(BaseEstimator):
         *,
         labels: LabelSpace | Sequence[str] | None = None,
         validation: Sequence[Example] | None = None,
+        tune: str = "auto",
+        tune_size: int = 200,
+        folds: int = 5,
+        seed: int = 0,
     ) -> ICLClassifier:
-        """Embed the pool and build every stage's state; tune on ``validation`` if given."""
+        """Embed the pool and build every stage's state, then tune what the ranker learns.
+
+        ``tune``: ``"validation"`` tunes (fusion weight, threshold) and calibrates conformal
+        sets on ``validation``; ``"cv"`` on ``tune_size`` pool examples predicted by
+        ``folds``-fold cross-validation (each held out of the index, the shortlist and the
+        demonstrations), because a few dozen validation queries over-fit; ``"none"`` skips
+        it; ``"auto"`` (default) is validation when given, else cv when the ranker has
+        something to tune or needs no LM (then cv is cheap). ``tuned_["tuned_on"]`` records it.
+        """
+        if tune not in ("auto", "validation", "cv", "none"):
+            raise ValueError(f"tune must be 'auto', 'validation', 'cv' or 'none', got {tune!r}")
+        if tune == "validation" and not validation:
+            raise ValueError("tune='validation' needs validation= examples")
         examples = list(examples)
         for i, ex in enumerate(examples):
             if not isinstance(ex, Example):
@@ -154,9 +173,19 @@ class ICLClassifier(BaseEstimator):
         self.summaries_ = {}
         self._build_stages(examples=examples)
         self.tuned_: dict[str, Any] = {}
-        if validation:
+        if tune == "auto":
+            tune = "validation" if validation else ("cv" if self._cv_worth_it() else "none")
+        if tune == "validation":
             self.tune(validation)
+        elif tune == "cv":
+            self.tune_cv(examples, size=tune_size, folds=folds, seed=seed)
         return self
+
+    def _cv_worth_it(self) -> bool:
+        """Cross-validate by default when it tunes something, or when it costs no LM calls."""
+        has_tune = type(self.ranker_).tune is not BaseRanker.tune
+        needs_threshold = self.multi_label and self.top_k is None
+        return has_tune or needs_threshold or not getattr(self.ranker_, "needs_lm", True)
 
     def _check_params(self) -> None:
         if self.shortlist_k < 1:
@@ -376,21 +405,108 @@ class ICLClassifier(BaseEstimator):
             return [self.decide(p) for p in preds]
         return [p.label for p in preds]
 
-    # -- tuning on validation data -----------------------------------------------------------
+    # -- tuning and calibration ------------------------------------------------------------
     def tune(self, validation: Sequence[Example]) -> ICLClassifier:
         """Tune the ranker (e.g. the fusion weight) and the multi-label threshold on validation data."""
         validation = [ex for ex in validation if ex.labels]
         if not validation:
             raise ValueError("tune: the validation examples carry no labels")
-        preds = self.predict(validation)
-        gold = [ex.labels for ex in validation]
+        return self._tune_on(validation, lambda: self.predict(validation), tuned_on=f"validation ({len(validation)})")
+
+    def tune_cv(self, examples: Sequence[Example], *, size: int = 200, folds: int = 5, seed: int = 0) -> ICLClassifier:
+        """Tune and calibrate on cross-validation predictions of (a seeded subset of) the pool."""
+        held, predict = self._cv_plan(list(examples), size=size, folds=folds, seed=seed)
+        if not held:
+            return self
+        return self._tune_on(held, predict, tuned_on=f"cv ({len(held)} pool examples, {folds} folds, seed {seed})")
+
+    def _cv_plan(self, examples: list[Example], *, size: int, folds: int, seed: int):
+        """Held-out examples and a function predicting each with a classifier fitted without its fold."""
+        labelled = [i for i, ex in enumerate(examples) if ex.labels]
+        folds = max(2, int(folds))
+        if len(labelled) < 2 * folds:
+            return [], None
+        rng = np.random.default_rng(seed)
+        pick = sorted(rng.choice(labelled, size=min(size, len(labelled)), replace=False).tolist())
+        fold_of = {i: f for f, part in enumerate(np.array_split(rng.permutation(pick), folds)) for i in part.tolist()}
+        held = [examples[i] for i in pick]
+        # Pool examples carry their Infer tags already: folds reuse them instead of re-inferring.
+        pool_examples = self.pool_.examples if len(self.pool_.examples) == len(examples) else examples
+
+        # Each fold builds fresh stages from their specs, sharing only the LM and the embedder.
+        fold_params = {
+            **self.get_params(deep=False),
+            "lm": self.lm_, "embedder": self.embedder_, "show_progress": False,
+            "shortlist": _spec_of(self.shortlist, self.shortlister_),
+            "select": _spec_of(self.select, self.selector_),
+            "rank": _spec_of(self.rank, self.ranker_),
+        }
+
+        def predict() -> list[Prediction]:
+            out: dict[int, Prediction] = {}
+            with tqdm(total=len(pick), desc="cross-validate", unit="ex", disable=self.show_progress is False) as bar:
+                for f in range(folds):
+                    test_ids = [i for i in pick if fold_of[i] == f]
+                    keep = [ex for i, ex in enumerate(pool_examples) if fold_of.get(i) != f]
+                    sub = type(self)(**fold_params)
+                    sub.fit(keep, labels=self.pool_.labels, tune="none")
+                    for i, p in zip(test_ids, sub.predict([examples[i] for i in test_ids], show_progress=False)):
+                        out[i] = p
+                    bar.update(len(test_ids))
+            return [out[i] for i in pick]
+
+        return held, predict
+
+    def _tune_on(self, examples: Sequence[Example], predict, *, tuned_on: str) -> ICLClassifier:
+        preds = predict()
+        gold = [ex.labels for ex in examples]
         tuned = dict(self.ranker_.tune([p.trace for p in preds], gold))
+        if tuned:  # the ranker changed: so did its scores
+            preds = self._rescored(preds, predict)
         if self.multi_label and self.top_k is None:
-            if tuned:  # the ranker changed: its scores did too
-                preds = self.predict(validation, show_progress=False)
             tuned["threshold"] = _best_threshold(preds, gold)
+        tuned["tuned_on"] = tuned_on
+        tuned["conformal"] = self._calibration(preds, gold)
         self.tuned_ = tuned
         return self
+
+    def _rescored(self, preds: list[Prediction], predict) -> list[Prediction]:
+        """Predictions under the tuned ranker: re-scored from their traces when it can, else re-run."""
+        rescore = getattr(self.ranker_, "rescore", None)
+        if rescore is None:
+            return predict()
+        out = []
+        for p in preds:
+            r = rescore(p.trace)
+            out.append(replace(p, labels=tuple(r.labels), scores=tuple(float(x) for x in r.scores), trace={**p.trace, **r.trace}))
+        return out
+
+    def _calibration(self, preds: Sequence[Prediction], gold: Sequence[Sequence[str]]) -> dict[str, Any]:
+        """What conformal sets need later: single-label nonconformity scores, or the multi-label predictions."""
+        from iclcls.rank.conformal import nonconformity
+
+        if self.multi_label:
+            return {"kind": "multi", "n": len(preds),
+                    "preds": [[list(p.labels[:50]), [round(float(x), 6) for x in p.scores[:50]], list(g)] for p, g in zip(preds, gold)]}
+        return {"kind": "single", "n": len(preds),
+                "scores": [round(nonconformity(p.labels, p.scores, g), 6) for p, g in zip(preds, gold)]}
+
+    def predict_set(self, inputs: Iterable[str | Example], *, alpha: float = 0.1) -> list[tuple[str, ...]]:
+        """Conformal label sets: each holds the gold label with probability >= 1 - alpha (single-label),
+        or misses at most an alpha share of gold labels in expectation (multi-label, risk control).
+
+        Calibrated on the tuning predictions ``fit`` made (cross-validation or validation)."""
+        from iclcls.rank import conformal as cp
+
+        cal = (getattr(self, "tuned_", None) or {}).get("conformal")
+        if not cal or not cal.get("n"):
+            raise RuntimeError("predict_set needs conformal calibration: fit with tune='cv' or validation=")
+        preds = self.predict(inputs)
+        if cal["kind"] == "multi":
+            lam = cp.crc_lambda([(labs, sc) for labs, sc, _ in cal["preds"]], [g for _, _, g in cal["preds"]], alpha)
+            return [cp.multi_label_set(p.labels, p.scores, lam) or p.labels[:1] for p in preds]
+        qhat = cp.conformal_quantile(cal["scores"], alpha)
+        return [cp.single_label_set(p.labels, p.scores, qhat) for p in preds]
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -439,16 +555,28 @@ class ICLClassifier(BaseEstimator):
     def load(
         cls, directory: str | Path, *, lm: Any = None, embedder: Any = None, trust: bool = False
     ) -> ICLClassifier:
-        """Rebuild a saved classifier. ``lm`` overrides the saved LM spec (needed if it was an object)."""
+        """Rebuild a saved classifier. ``lm`` overrides the saved LM spec (needed if it was an object).
+
+        A state folder is untrusted input: ``config.json`` is validated against a strict schema
+        (``ValueError`` naming the field), and a state that names an LM endpoint or local
+        model, a file path or a template file raises ``UntrustedStateError`` unless
+        ``trust=True`` or the caller overrides it (``lm=``, ``embedder=``). The faiss index is
+        read only from the state's own file, after its recorded size and SHA-256 match.
+        """
         d = Path(directory)
         if not (d / "config.json").is_file():
             raise FileNotFoundError(f"{d}: not a saved ICLClassifier (no config.json)")
-        cfg = read_json(d / "config.json")
-        if cfg.get("format") != FORMAT:
-            raise ValueError(f"{d / 'config.json'}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
-        if cfg.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{d}: saved by a newer iclcls (format version {cfg['version']})")
+        cfg = _validate_state(d / "config.json", read_json(d / "config.json"), cls)
         params = dict(cfg["params"])
+        if not trust:
+            problems = _untrusted_parts(d, params, lm_given=lm is not None, embedder_given=embedder is not None)
+            if problems:
+                raise UntrustedStateError(
+                    f"{d}: refusing to load an untrusted state: " + "; ".join(problems) + ". A saved state is "
+                    "data: it may not choose an LM endpoint or local model, read files, or bring templates. "
+                    "If you trust whoever made this folder, load it with trust=True (CLI: --trust-state); "
+                    "or override the LM with lm=... (CLI: --lm)"
+                )
         if lm is not None:
             params["lm"] = lm
         if embedder is not None:
@@ -462,18 +590,25 @@ class ICLClassifier(BaseEstimator):
                 f"{d}: saved with embedder {cfg.get('embedder_name')!r} but loading with {clf.embedder_.name!r}; "
                 "pass embedder= the same model"
             )
-        clf.pool_ = Pool.load(d / "pool", clf.embedder_)
+        clf.pool_ = Pool.load(d / "pool", clf.embedder_, require_checksum=not trust)
         states = {}
         for key, info in cfg.get("stages", {}).items():
             if info:
                 states[key] = (info["meta"], {n: load_npy(d / "stages" / f"{key}.{n}.npy") for n in info["arrays"]})
-        clf.summaries_ = {str(k): str(v) for k, v in cfg.get("summaries", {}).items()}
+        clf.summaries_ = dict(cfg.get("summaries", {}))
         clf._build_stages(selector_state=states.get("select"), shortlist_state=states.get("shortlist"))
+        ranker_state = cfg.get("ranker_state", {})
+        if ranker_state and hasattr(clf.ranker_, "tuned_state"):
+            unknown = sorted(set(ranker_state) - set(clf.ranker_.tuned_state()))
+            if unknown:
+                raise ValueError(
+                    f"{d / 'config.json'}: field ranker_state: keys {unknown} are not state of the "
+                    f"{type(clf.ranker_).__name__} ranker"
+                )
         if hasattr(clf.ranker_, "load_tuned_state"):
-            clf.ranker_.load_tuned_state(cfg.get("ranker_state", {}))
+            clf.ranker_.load_tuned_state(ranker_state)
         clf.tuned_ = cfg.get("tuned", {})
         return clf
-
 
 def _best_threshold(preds: Sequence[Prediction], gold: Sequence[Sequence[str]]) -> float:
     """The score threshold with the best micro-F1 on validation (top-1 always kept)."""
@@ -494,14 +629,176 @@ def _best_threshold(preds: Sequence[Prediction], gold: Sequence[Sequence[str]]) 
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` onto ``dst``; an existing ``dst`` is swapped out first, then removed."""
+    """Move the finished folder ``src`` onto ``dst``: its files and folders are fsynced first;
+    an existing ``dst`` is swapped out and removed only after the new one is in place (and
+    put back if that rename fails)."""
+    fsync_tree(src)
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)  # the previous state, unchanged
+        raise
+    fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# -- a saved state is untrusted input: its schema and what it may ask for -------------------
+
+_STAGE_KEYS = ("shortlist", "select")
+_ARRAY_NAME = r"^[A-Za-z0-9_]+$"
+# Free-text options: words, not file names (everything else is checked for paths).
+_TEXT_OPTIONS = frozenset({"instructions", "input_prefix", "label_prefix", "primer", "name", "order"})
+_FILE_SUFFIXES = frozenset(
+    ".json .jsonl .csv .tsv .parquet .txt .jinja .j2 .yaml .yml .npy .npz .faiss .gguf .bin .pt .pth "
+    ".safetensors .pkl .pickle .py .sh .db .sqlite".split()
+)
+
+
+def _state_models(cls: type) -> tuple[type, type]:
+    """The pydantic models of ``config.json``: strict, unknown fields refused. Constructor
+    options this schema does not type yet (a new option) are accepted as JSON values."""
+    from typing import Annotated, Literal, Optional, Union
+
+    from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+
+    Spec = Optional[Union[str, dict[str, Any]]]
+    typed: dict[str, Any] = {
+        "lm": Optional[str], "embedder": Optional[str], "shortlist": Spec, "select": Spec, "rank": Spec,
+        "infer": Spec, "prompt": Optional[dict[str, Any]], "shortlist_k": int, "shots": int,
+        "multi_label": bool, "top_k": Optional[int], "threshold": Optional[float], "batch_size": int,
+        "label_token_reserve": int, "show_progress": Optional[bool],
+    }  # fmt: skip
+    fields = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        default = None if p.default is inspect.Parameter.empty else p.default
+        fields[name] = (typed.get(name, Any), default)
+    strict = ConfigDict(extra="forbid", strict=True)
+    Params = create_model("StateParams", __config__=strict, **fields)
+
+    class StageState(BaseModel):
+        model_config = strict
+        meta: dict[str, Any]
+        arrays: list[Annotated[str, StringConstraints(pattern=_ARRAY_NAME)]]
+
+    class StateConfig(BaseModel):
+        model_config = strict
+        format: Literal["iclcls-classifier"]
+        version: int = Field(ge=1, le=FORMAT_VERSION)
+        params: Params  # type: ignore[valid-type]
+        lm_name: Optional[str] = None
+        embedder_name: str
+        tuned: dict[str, Any] = {}
+        ranker_state: dict[str, Any] = {}
+        stages: dict[Literal["shortlist", "select"], Optional[StageState]] = {}
+        summaries: dict[str, str] = {}
+
+    return Params, StateConfig
+
+
+def _validate_state(path: Path, raw: Any, cls: type) -> dict[str, Any]:
+    """``config.json`` checked against the schema; a ``ValueError`` names the first bad fields."""
+    from pydantic import ValidationError
+
+    if isinstance(raw, dict) and raw.get("format") == FORMAT and isinstance(raw.get("version"), int):
+        if raw["version"] > FORMAT_VERSION:
+            raise ValueError(f"{path.parent}: saved by a newer iclcls (format version {raw['version']})")
+    _, StateConfig = _state_models(cls)
+    try:
+        model = StateConfig.model_validate(raw)
+    except ValidationError as e:
+        errs = []
+        for err in e.errors()[:5]:
+            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            got = repr(err.get("input"))[:80]
+            errs.append(f"field {where}: {err['msg']} (got {got})")
+        more = f" (+{e.error_count() - 5} more)" if e.error_count() > 5 else ""
+        raise ValueError(f"{path}: not a valid iclcls state: " + "; ".join(errs) + more) from None
+    out = model.model_dump()
+    out["params"] = {k: v for k, v in out["params"].items() if k in raw["params"]}  # keep defaults implicit
+    return out
+
+
+def _untrusted_parts(d: Path, params: Mapping[str, Any], *, lm_given: bool, embedder_given: bool) -> list[str]:
+    """What in a state only a trusted state may ask for, each with why."""
+    problems = []
+    if not lm_given and params.get("lm") is not None:
+        why = _lm_spec_problem(params["lm"])
+        if why:
+            problems.append(f"lm {params['lm']!r} {why}")
+    emb = params.get("embedder")
+    if not embedder_given and isinstance(emb, str) and _looks_like_path(emb):
+        problems.append(f"embedder {emb!r} is a local path (a state may name models, not load files)")
+    for key in ("shortlist", "select", "rank", "infer", "prompt"):
+        spec = params.get(key)
+        if isinstance(spec, Mapping):
+            problems += _option_problems(spec, f"{key}")
+    for p in sorted(d.rglob("*")):
+        if p.is_symlink():
+            problems.append(f"{p.relative_to(d)} is a symbolic link (a state is read only from its own files)")
+    return problems
+
+
+def _lm_spec_problem(spec: str) -> str | None:
+    """Why an LM spec from a state is not safe to follow, or None for a registry model name."""
+    from iclcls.lm.models import OFFLINE_MODELS
+
+    base = spec.removesuffix("+cache")
+    kind, sep, rest = base.partition(":")
+    if kind == "openai" and sep:
+        return "is an LM endpoint (every input would be sent to that server)"
+    name = rest if sep and kind in ("vllm", "hf") else base
+    if name in OFFLINE_MODELS:
+        return None
+    if _looks_like_path(name):
+        return "is a filesystem path (a state may name registry models, not load local files)"
+    return f"is not a registry model name ({', '.join(sorted(OFFLINE_MODELS))})"
+
+
+def _looks_like_path(text: str) -> bool:
+    if not text:
+        return False
+    if text.startswith(("/", "~", ".", "\\")) or "\\" in text or Path(text).suffix.lower() in _FILE_SUFFIXES:
+        return True
+    if "/" in text:  # "org/model" Hub names are fine unless such a path exists here
+        return Path(text).exists() or text.count("/") > 1
+    return Path(text).exists()
+
+
+def _option_problems(options: Any, where: str) -> list[str]:
+    """Template files and file paths among a stage's options (recursively)."""
+    from iclcls.prompt import is_packaged_template
+
+    out = []
+    if isinstance(options, Mapping):
+        for key, value in options.items():
+            here = f"{where}.{key}"
+            if key == "template" or key.endswith("_template"):
+                if value is not None and not is_packaged_template(value):
+                    out.append(f"{here} {value!r} is not a packaged template (a state may not bring template files)")
+            elif key == "validation" and isinstance(value, str):
+                if value != "holdout" and not re.fullmatch(r"benchmark:[\w.-]+", value):
+                    out.append(f"{here} {value!r} is a file path (a state may not read files)")
+            elif isinstance(value, str):
+                if key not in _TEXT_OPTIONS and _looks_like_path(value):
+                    out.append(f"{here} {value!r} is a file path (a state may not read files)")
+            else:
+                out += _option_problems(value, here)
+    elif isinstance(options, (list, tuple)):
+        for i, value in enumerate(options):
+            if isinstance(value, str):
+                if _looks_like_path(value):
+                    out.append(f"{where}[{i}] {value!r} is a file path (a state may not read files)")
+            else:
+                out += _option_problems(value, f"{where}[{i}]")
+    return out
 
 
 def dump_predictions(preds: Sequence[Prediction]) -> str:
