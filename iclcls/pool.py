@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,38 +15,7 @@ import numpy as np
 from iclcls.embed.base import Embedder
 from iclcls.index import VectorIndex
 from iclcls.io import atomic_write_text, load_npy, save_npy
-from iclcls.types import Example, LabelSpace
-
-
-@dataclass
-class Query:
-    """One input on its way through the pipeline, with what earlier stages learned about it."""
-
-    example: Example
-    embedding: np.ndarray
-    guesses: tuple[str, ...] = ()  # the Infer stage's free-text guesses or tags
-    guess_embeddings: np.ndarray | None = None
-    trace: dict = field(default_factory=dict)
-
-    @property
-    def text(self) -> str:
-        return self.example.text
-
-
-@dataclass
-class Candidates:
-    """A shortlist: candidate labels, best first, with the retriever's scores."""
-
-    labels: list[str]
-    scores: np.ndarray
-
-    def __post_init__(self) -> None:
-        self.scores = np.asarray(self.scores, dtype=np.float64)
-        if len(self.labels) != len(self.scores):
-            raise ValueError("Candidates: labels and scores differ in length")
-
-    def top(self, k: int) -> Candidates:
-        return Candidates(self.labels[:k], self.scores[:k])
+from iclcls.types import Candidates, Example, LabelSpace, Query  # noqa: F401  (Query, Candidates: moved to types)
 
 
 class Pool:
@@ -130,12 +98,16 @@ class Pool:
             self.index.save(d / "index.faiss")
 
     @classmethod
-    def load(cls, directory: str | Path, embedder: Embedder) -> Pool:
+    def load(cls, directory: str | Path, embedder: Embedder, *, require_checksum: bool = True) -> Pool:
+        """Read a saved pool; the faiss index must match the size and SHA-256 recorded at save
+        (``require_checksum=False`` accepts an older state that recorded none)."""
         d = Path(directory)
         pool = cls(embedder, LabelSpace.load(d / "labels.json"))
         path = d / "examples.jsonl"
         examples = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085, \x1c..\x1e, which
+        # JSON (ensure_ascii=False) leaves unescaped inside a text.
+        for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
             if line.strip():
                 try:
                     examples.append(Example.from_dict(json.loads(line)))
@@ -145,7 +117,7 @@ class Pool:
         if len(embeddings) != len(examples):
             raise ValueError(f"{d}: {len(examples)} examples but {len(embeddings)} embeddings")
         if (d / "index.faiss").is_file():
-            pool.index = VectorIndex.load(d / "index.faiss")
+            pool.index = VectorIndex.load(d / "index.faiss", require_checksum=require_checksum)
             if len(pool.index) != len(examples):
                 raise ValueError(f"{d / 'index.faiss'}: holds {len(pool.index)} vectors, expected {len(examples)}")
             pool._append(examples, embeddings, np.arange(len(examples), dtype=np.int64))

@@ -1,4 +1,4 @@
-"""The nouns every stage shares: Example, LabelSpace, Prediction.
+"""The nouns every stage shares: Example, LabelSpace, Query, Candidates, Prediction.
 
 Examples and predictions are frozen (they flow one way through the pipeline and are
 safe to cache and share); a LabelSpace grows when classes are added, so it is a small
@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+import numpy as np
 
 from iclcls.io import atomic_write_text
 
@@ -180,6 +182,37 @@ class LabelSpace:
     @classmethod
     def load(cls, path: str | Path) -> LabelSpace:
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+@dataclass
+class Query:
+    """One input on its way through the pipeline, with what earlier stages learned about it."""
+
+    example: Example
+    embedding: np.ndarray
+    guesses: tuple[str, ...] = ()  # the Infer stage's free-text guesses or tags
+    guess_embeddings: np.ndarray | None = None
+    trace: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.example.text
+
+
+@dataclass
+class Candidates:
+    """A shortlist: candidate labels, best first, with the retriever's scores."""
+
+    labels: list[str]
+    scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.scores = np.asarray(self.scores, dtype=np.float64)
+        if len(self.labels) != len(self.scores):
+            raise ValueError("Candidates: labels and scores differ in length")
+
+    def top(self, k: int) -> Candidates:
+        return Candidates(self.labels[:k], self.scores[:k])
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import pytest
 
 from iclcls import Example, ICLClassifier
 from iclcls.experiment import subset
-from iclcls.pool import Candidates, Pool, Query
+from iclcls.pool import Pool
+from iclcls.types import Candidates, Query
 from iclcls.select import get_selector
 from iclcls.select.dpp import dpp_kernel, greedy_map
 from iclcls.select.influence import SoftmaxRegression, influence_scores

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from iclcls import Example, ICLClassifier
-from iclcls.pool import Candidates, Pool, Query
+from iclcls.pool import Pool
+from iclcls.types import Candidates, Query
 from iclcls.prompt import PromptBuilder
 from iclcls.rank import get_ranker
 from iclcls.rank.base import RankContext

@@ -14,7 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from iclcls.lm.base import LM
-from iclcls.pool import Candidates, Pool, Query
+from iclcls.pool import Pool
+from iclcls.types import Candidates, Query
 from iclcls.prompt import PromptBuilder, RenderedPrompt
 from iclcls.registry import Registry
 

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from iclcls.pool import Pool, Query
+from iclcls.pool import Pool
+from iclcls.types import Query
 from iclcls.select.base import SELECTORS, order_by_similarity
 from iclcls.select.dpp import DPPSelector, top_by_relevance
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from iclcls.pool import Candidates, Query
+from iclcls.types import Candidates, Query
 from iclcls.select.base import SELECTORS, BaseSelector, order_by_similarity
 
 

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from iclcls.pool import Candidates, Pool, Query
+from iclcls.pool import Pool
+from iclcls.types import Candidates, Query
 from iclcls.select.base import SELECTORS, BaseSelector
 
 

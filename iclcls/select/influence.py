@@ -27,9 +27,9 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.sparse.linalg import LinearOperator, cg
 
-from iclcls.pool import Candidates, Pool, Query
+from iclcls.pool import Pool
 from iclcls.select.base import SELECTORS, BaseSelector, order_by_similarity
-from iclcls.types import Example
+from iclcls.types import Candidates, Example, Query
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

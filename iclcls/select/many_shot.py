@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from iclcls.pool import Candidates, Pool, Query
+from iclcls.pool import Pool
+from iclcls.types import Candidates, Query
 from iclcls.select.base import SELECTORS, BaseSelector
 
 ORDERS = ("random", "class_balanced")

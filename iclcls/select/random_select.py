@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from iclcls.pool import Candidates, Query
+from iclcls.types import Candidates, Query
 from iclcls.select.base import SELECTORS, BaseSelector, query_rng
 
 

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from iclcls.index import VectorIndex
-from iclcls.pool import Candidates, Pool, Query
+from iclcls.pool import Pool
+from iclcls.types import Candidates, Query
 from iclcls.shortlist.base import SHORTLISTERS, BaseShortlister
 
 STATE_FORMAT = "iclcls.GaussianECL"

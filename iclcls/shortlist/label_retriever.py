@@ -11,14 +11,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from iclcls.pool import Candidates, Pool, Query
+from iclcls.pool import Pool
+from iclcls.types import Candidates, Query
+from iclcls.prompt import label_text  # lives with the prompt (a lower layer); re-exported here
 from iclcls.shortlist.base import SHORTLISTERS, BaseShortlister, top_candidates
 
-
-def label_text(label: str, description: str | None = None) -> str:
-    """What a label looks like to an embedder or LM: underscores become spaces."""
-    name = label.replace("_", " ").strip()
-    return f"{name}: {description}" if description else name
+__all__ = ["LabelRetriever", "label_text"]
 
 
 @SHORTLISTERS.register("label_retriever")
