@@ -1,8 +1,9 @@
 """iclcls: classify text and images with LLMs learning in context."""
 
+from iclcls.errors import UntrustedStateError
 from iclcls.types import Example, LabelSpace, Prediction
 
-__all__ = ["Example", "LabelSpace", "Prediction", "ICLClassifier"]
+__all__ = ["Example", "LabelSpace", "Prediction", "ICLClassifier", "UntrustedStateError"]
 __version__ = "0.1.0"
 
 

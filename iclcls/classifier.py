@@ -168,7 +168,7 @@ class ICLClassifier(BaseEstimator):
         self._check_params()
         from iclcls.embed import get_embedder
 
-        self.embedder_ = get_embedder(self.embedder) if not hasattr(self.embedder, "encode") else self.embedder
+        self.embedder_ = get_embedder(self.embedder) if self.embedder is None or isinstance(self.embedder, str) else self.embedder
         self.pool_ = Pool(self.embedder_, LabelSpace(space.labels, space.descriptions))
         self.summaries_ = {}
         self._build_stages(examples=examples)
@@ -584,7 +584,7 @@ class ICLClassifier(BaseEstimator):
         clf = cls(**params)
         from iclcls.embed import get_embedder
 
-        clf.embedder_ = get_embedder(clf.embedder) if not hasattr(clf.embedder, "encode") else clf.embedder
+        clf.embedder_ = get_embedder(clf.embedder) if clf.embedder is None or isinstance(clf.embedder, str) else clf.embedder
         if clf.embedder_.name != cfg.get("embedder_name"):
             raise ValueError(
                 f"{d}: saved with embedder {cfg.get('embedder_name')!r} but loading with {clf.embedder_.name!r}; "
@@ -707,7 +707,10 @@ def _validate_state(path: Path, raw: Any, cls: type) -> dict[str, Any]:
     """``config.json`` checked against the schema; a ``ValueError`` names the first bad fields."""
     from pydantic import ValidationError
 
-    if isinstance(raw, dict) and raw.get("format") == FORMAT and isinstance(raw.get("version"), int):
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{path}: format is {got!r}, expected {FORMAT!r}")
+    if isinstance(raw.get("version"), int):
         if raw["version"] > FORMAT_VERSION:
             raise ValueError(f"{path.parent}: saved by a newer iclcls (format version {raw['version']})")
     _, StateConfig = _state_models(cls)

@@ -28,7 +28,9 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from iclcls.io import atomic_write_json, atomic_write_with, read_json
+import hashlib
+
+from iclcls.io import atomic_write_bytes, atomic_write_json, read_json
 
 Metric = Literal["ip", "l2"]
 INDEX_FILE = "index.faiss"
@@ -394,12 +396,15 @@ class VectorIndex:
         """
         index_file, meta_file = self._paths(path)
         index_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_with(index_file, lambda tmp: faiss.write_index(self._index, tmp))
+        data = faiss.serialize_index(self._index).tobytes()
+        atomic_write_bytes(index_file, data)
         atomic_write_json(
             meta_file,
             {
                 "format": "iclcls.VectorIndex",
                 "version": FORMAT_VERSION,
+                "file_bytes": len(data),  # checked at load, before faiss parses a byte
+                "file_sha256": hashlib.sha256(data).hexdigest(),
                 "dim": self.dim,
                 "metric": self.metric,
                 "kind": self._kind,
@@ -415,12 +420,19 @@ class VectorIndex:
         return index_file
 
     @classmethod
-    def load(cls, path: str | Path, *, use_gpu: bool | Literal["auto"] = "auto") -> VectorIndex:
-        """Read an index written by :meth:`save` (faiss binary + JSON; nothing is executed)."""
+    def load(
+        cls, path: str | Path, *, use_gpu: bool | Literal["auto"] = "auto", require_checksum: bool = False
+    ) -> VectorIndex:
+        """Read an index written by :meth:`save` (faiss binary + JSON; nothing is executed).
+
+        The faiss file is read once into memory, its size and SHA-256 checked against the
+        sidecar, and only those verified bytes are parsed. ``require_checksum`` refuses a
+        sidecar without them (an older or hand-made state).
+        """
         index_file, meta_file = cls._paths(path)
         for f in (index_file, meta_file):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: missing (not a saved VectorIndex?)")
+            if f.is_symlink() or not f.is_file():
+                raise FileNotFoundError(f"{f}: missing or not a regular file (not a saved VectorIndex?)")
         meta = read_json(meta_file)
         if not isinstance(meta, dict) or meta.get("format") != "iclcls.VectorIndex":
             raise ValueError(f"{meta_file}: not a VectorIndex sidecar")
@@ -441,7 +453,23 @@ class VectorIndex:
             deleted = {int(i) for i in meta["deleted_ids"]}
         except KeyError as e:
             raise ValueError(f"{meta_file}: missing field {e.args[0]!r}") from None
-        index = faiss.read_index(str(index_file))
+        data = index_file.read_bytes()
+        size, digest = meta.get("file_bytes"), meta.get("file_sha256")
+        if size is None or digest is None:
+            if require_checksum:
+                raise ValueError(
+                    f"{meta_file}: records no size and SHA-256 of {index_file.name}; refusing to parse an "
+                    "unverified faiss file (re-save the state with this iclcls, or load it trusted)"
+                )
+        elif len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(
+                f"{index_file}: {len(data)} bytes with SHA-256 {hashlib.sha256(data).hexdigest()[:16]}..., but "
+                f"{meta_file.name} recorded {size} bytes, {str(digest)[:16]}...: the file was changed or damaged"
+            )
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except RuntimeError as e:
+            raise ValueError(f"{index_file}: not a faiss index ({str(e).splitlines()[0][:200]})") from None
         problems = []
         if not isinstance(index, faiss.IndexIDMap2):
             problems.append(f"type {type(index).__name__} (expected IndexIDMap2)")

@@ -17,9 +17,42 @@ from typing import Any
 import numpy as np
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to the disk (a rename alone may land before the data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to the disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and folder under ``root`` (before renaming a finished folder into place)."""
+    root = Path(root)
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fsync_file(Path(dirpath) / name)
+        fsync_dir(dirpath)
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    """Yield a temporary path beside ``path``; if the block succeeds, fsync it, rename it onto
+    ``path`` and fsync the folder. On any error ``path`` keeps its previous content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
@@ -27,7 +60,9 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fsync_file(tmp_path)
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -37,8 +72,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

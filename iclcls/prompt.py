@@ -14,10 +14,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jinja2
+import re
 
-from iclcls.shortlist.label_retriever import label_text
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
 from iclcls.types import Example
+
+_TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_JINJA_OPTIONS = dict(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                      keep_trailing_newline=False, autoescape=False)
+
+
+def label_text(label: str, description: str | None = None) -> str:
+    """What a label looks like to an embedder or LM: underscores become spaces."""
+    name = label.replace("_", " ").strip()
+    return f"{name}: {description}" if description else name
 
 
 @lru_cache(maxsize=None)
@@ -31,27 +43,44 @@ def prompts_dir() -> Path:
 
 @lru_cache(maxsize=None)
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(prompts_dir())),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=False,
-        autoescape=False,
-    )
+    """Packaged templates, rendered sandboxed: a template can read the variables it is
+    given, not Python internals or other files."""
+    return SandboxedEnvironment(loader=jinja2.FileSystemLoader(str(prompts_dir())), **_JINJA_OPTIONS)
+
+
+@lru_cache(maxsize=None)
+def _file_env() -> jinja2.Environment:
+    """For a template file the caller names: sandboxed, and with no loader, so it cannot
+    ``include`` or ``import`` other files."""
+    return SandboxedEnvironment(**_JINJA_OPTIONS)
+
+
+def packaged_templates() -> list[str]:
+    """Names of the templates that ship with iclcls (``classify``, ``infer_labels``, ...)."""
+    return sorted(x.stem for x in prompts_dir().glob("*.jinja"))
+
+
+def is_packaged_template(name: object) -> bool:
+    """Whether ``name`` names a packaged template (not a path): what an untrusted state may use."""
+    return isinstance(name, str) and bool(_TEMPLATE_NAME.match(name)) and (prompts_dir() / f"{name}.jinja").is_file()
 
 
 def get_template(name_or_path: str) -> jinja2.Template:
-    """A packaged template by name (``classify``) or a path to a ``.jinja`` file."""
+    """A packaged template by name (``classify``) or a path to a ``.jinja`` file the caller gives.
+
+    Both render in a Jinja sandbox. A saved state may only name packaged templates unless
+    it is loaded with ``trust=True`` (see ``ICLClassifier.load``).
+    """
     p = Path(name_or_path)
     if p.suffix == ".jinja" and p.is_file():
-        return jinja2.Template(p.read_text(encoding="utf-8"), undefined=jinja2.StrictUndefined,
-                               trim_blocks=True, lstrip_blocks=True)
+        return _file_env().from_string(p.read_text(encoding="utf-8"))
+    if not _TEMPLATE_NAME.match(str(name_or_path)):
+        raise KeyError(f"no prompt template {name_or_path!r}: give a packaged name "
+                       f"({', '.join(packaged_templates())}) or an existing .jinja file")
     try:
         return _env().get_template(f"{name_or_path}.jinja")
     except jinja2.TemplateNotFound:
-        names = sorted(x.stem for x in prompts_dir().glob("*.jinja"))
-        raise KeyError(f"no prompt template {name_or_path!r}; packaged: {', '.join(names)}") from None
+        raise KeyError(f"no prompt template {name_or_path!r}; packaged: {', '.join(packaged_templates())}") from None
 
 
 def render(template: str, **variables) -> str:

@@ -1,0 +1,205 @@
+"""A saved state is untrusted input: schema checks, and poisoned states refused with a reason.
+
+Each test copies one real fitted state (real embedder, real faiss) and edits it the way a
+stranger handing over a state folder could; ``load`` must refuse, say what and why, and
+load again with ``trust=True`` or an override where the edit is not a corruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from iclcls import ICLClassifier, UntrustedStateError
+from iclcls.data import load_benchmark
+from iclcls.programs import retriever_only
+from scripted_lm import ScriptedLM
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_benchmark("sample")
+
+
+@pytest.fixture(scope="module")
+def saved(sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trust") / "state"
+    retriever_only(shortlist_k=3).fit(sample.train).save(out)
+    return out
+
+
+@pytest.fixture
+def state(saved, tmp_path):
+    d = tmp_path / "copy"
+    shutil.copytree(saved, d)
+    return d
+
+
+def edit(d, fn):
+    cfg = json.loads((d / "config.json").read_text())
+    fn(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def set_params(d, **params):
+    edit(d, lambda c: c["params"].update(params))
+
+
+def test_clean_state_loads_and_predicts(state, sample):
+    clf = ICLClassifier.load(state)
+    assert clf.predict(sample.test[:2])[0].labels
+
+
+def test_openai_endpoint_refused_unless_trusted_or_overridden(state):
+    set_params(state, lm="openai:x@http://203.0.113.9:8000", rank="likelihood")
+    with pytest.raises(UntrustedStateError, match=r"lm 'openai:x@http://203\.0\.113\.9:8000' is an LM endpoint") as e:
+        ICLClassifier.load(state)
+    assert "trust=True" in str(e.value) and "--trust-state" in str(e.value) and "lm=" in str(e.value)
+    assert isinstance(e.value, ValueError)  # documented: a ValueError subclass
+    lm = ScriptedLM()
+    assert ICLClassifier.load(state, lm=lm).lm_ is lm  # the caller's override needs no trust
+    trusted = ICLClassifier.load(state, trust=True)  # the caller trusts it: the client is built
+    assert "203.0.113.9:8000" in trusted.lm_.api_base
+
+
+@pytest.mark.parametrize(
+    "spec, why",
+    [
+        ("/tmp/some/model_dir", "filesystem path"),
+        ("vllm:/tmp/some/model_dir", "filesystem path"),
+        ("hf:../weights", "filesystem path"),
+        ("model.gguf", "filesystem path"),
+        ("totally-unknown-model", "not a registry model name"),
+        ("openai:gpt@https://api.example.com/v1+cache", "LM endpoint"),
+    ],
+)
+def test_lm_paths_and_unknown_names_refused(state, spec, why):
+    set_params(state, lm=spec)
+    with pytest.raises(UntrustedStateError, match=why):
+        ICLClassifier.load(state)
+
+
+@pytest.mark.parametrize("spec", ["smollm2", "gemma3-270m", "vllm:smollm2", "smollm2+cache", "hf:smollm2"])
+def test_registry_model_names_are_fine(state, spec):
+    set_params(state, lm=spec)  # the retriever ranker needs no LM: nothing is loaded
+    assert ICLClassifier.load(state).get_params()["lm"] == spec
+
+
+def test_file_path_in_stage_options_refused(state, tmp_path):
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"text": "x", "label": "y"}\n')
+    set_params(state, select={"name": "influence", "validation": str(secret)})
+    with pytest.raises(UntrustedStateError, match=r"select\.validation .*secret\.jsonl' is a file path"):
+        ICLClassifier.load(state)
+    set_params(state, select={"name": "knn", "extra": {"deep": ["ok", "../../etc/passwd"]}})
+    with pytest.raises(UntrustedStateError, match=r"select\.extra\.deep\[1\]"):
+        ICLClassifier.load(state)
+
+
+def test_template_file_refused_and_sandboxed_when_trusted(state, tmp_path, sample):
+    evil = tmp_path / "evil.jinja"
+    evil.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    set_params(state, prompt={"template": str(evil)}, rank="likelihood", shots=0)
+    with pytest.raises(UntrustedStateError, match=r"prompt\.template .*evil\.jinja' is not a packaged template"):
+        ICLClassifier.load(state)
+    with pytest.raises(UntrustedStateError, match="not a packaged template"):
+        ICLClassifier.load(state, lm=ScriptedLM())  # an LM override does not vouch for the template
+    # Trusted, the template is used, but it renders in the sandbox: no Python internals.
+    from jinja2.exceptions import SecurityError
+
+    clf = ICLClassifier.load(state, lm=ScriptedLM(), trust=True)
+    with pytest.raises(SecurityError):
+        clf.predict(sample.test[:1])
+    set_params(state, prompt={"summary_options": {"template": "../x"}})
+    with pytest.raises(UntrustedStateError, match=r"prompt\.summary_options\.template"):
+        ICLClassifier.load(state)
+
+
+def test_packaged_template_name_is_fine(state):
+    set_params(state, prompt={"template": "classify_demos_first"})
+    assert ICLClassifier.load(state).builder_.template == "classify_demos_first"
+
+
+def test_embedder_path_refused(state, tmp_path):
+    set_params(state, embedder=str(tmp_path))
+    with pytest.raises(UntrustedStateError, match="embedder .* is a local path"):
+        ICLClassifier.load(state)
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda c: c["params"].update(shots="8"), "params.shots"),
+        (lambda c: c["params"].update(evil_option=1), "params.evil_option"),
+        (lambda c: c.update(run_this="rm -rf /"), "run_this"),
+        (lambda c: c.update(version=0), "version"),
+        (lambda c: c.update(summaries={"a": 3}), "summaries.a"),
+        (lambda c: c.update(stages={"select": {"meta": {}, "arrays": ["../../../tmp/x"]}}), "stages.select.arrays.0"),
+        (lambda c: c.update(stages={"../x": None}), "stages"),
+        (lambda c: c.pop("embedder_name"), "embedder_name"),
+    ],
+)
+def test_schema_names_the_bad_field(state, mutate, field):
+    edit(state, mutate)
+    with pytest.raises(ValueError, match=rf"field {field.replace('.', '[.]')}\b") as e:
+        ICLClassifier.load(state)
+    assert "config.json" in str(e.value)
+
+
+def test_ranker_state_cannot_set_arbitrary_attributes(state):
+    edit(state, lambda c: c.update(ranker_state={"needs_lm": True}))
+    with pytest.raises(ValueError, match=r"ranker_state: keys \['needs_lm'\]"):
+        ICLClassifier.load(state)
+
+
+def test_faiss_index_checked_against_recorded_size_and_sha256(state):
+    idx = state / "pool" / "index.faiss"
+    meta_path = state / "pool" / "index.faiss.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["file_bytes"] == idx.stat().st_size
+    assert meta["file_sha256"] == hashlib.sha256(idx.read_bytes()).hexdigest()
+    data = bytearray(idx.read_bytes())
+    data[-5] ^= 0xFF
+    idx.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="the file was changed or damaged"):
+        ICLClassifier.load(state)
+    with pytest.raises(ValueError, match="changed or damaged"):
+        ICLClassifier.load(state, trust=True)  # trust does not accept a damaged file
+
+
+def test_faiss_index_without_checksum_needs_trust(state):
+    meta_path = state / "pool" / "index.faiss.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["file_bytes"], meta["file_sha256"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="refusing to parse an unverified faiss file"):
+        ICLClassifier.load(state)
+    assert ICLClassifier.load(state, trust=True).pool_.index is not None
+
+
+def test_symlinked_state_file_refused(state, tmp_path):
+    idx = state / "pool" / "index.faiss"
+    elsewhere = tmp_path / "other.faiss"
+    shutil.move(idx, elsewhere)
+    idx.symlink_to(elsewhere)
+    with pytest.raises(UntrustedStateError, match=r"pool/index\.faiss is a symbolic link"):
+        ICLClassifier.load(state)
+
+
+def test_cli_predict_refuses_untrusted_state_and_trust_flag_lets_it_load(state, tmp_path):
+    from iclcls.cli import app
+
+    set_params(state, lm="./local-weights")  # unused by the retriever ranker, still refused
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("I lost my card\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", str(inputs), "--state", str(state)])
+    assert res.exit_code != 0 and "untrusted state" in res.output and "--trust-state" in res.output
+    out = tmp_path / "preds.jsonl"
+    res = runner.invoke(app, ["predict", str(inputs), "--state", str(state), "--trust-state", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text().splitlines()[0])["labels"]
