@@ -35,10 +35,29 @@ def data_dir() -> Path:
     return d
 
 
+# Model folders that are slow to rebuild (GGUF->HF conversions for vLLM, the assembled
+# Gemma GGUF): they stay in the user's cache and are linked into the tests' own cache.
+_STABLE_MODEL_DIRS = ("hf", "gguf")
+
+
+def _isolate_cache(root: Path) -> Path:
+    """Point ICLCLS_CACHE at ``root`` (a fresh folder), linking the stable model folders in."""
+    stable = Path(os.environ.get("ICLCLS_CACHE") or Path.home() / ".cache" / "iclcls")
+    root.mkdir(parents=True, exist_ok=True)
+    for name in _STABLE_MODEL_DIRS:
+        (stable / name).mkdir(parents=True, exist_ok=True)
+        link = root / name
+        if not link.exists():
+            link.symlink_to(stable / name, target_is_directory=True)
+    os.environ["ICLCLS_CACHE"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory) -> None:
-    """Tests write caches to a temporary folder, except converted models (slow to rebuild)."""
-    os.environ.setdefault("ICLCLS_CACHE", str(Path.home() / ".cache" / "iclcls"))
+def _isolated_cache(tmp_path_factory) -> Path:
+    """Tests write caches (embeddings, LM requests) to a temporary folder, never the user's;
+    converted models are shared (see ``_STABLE_MODEL_DIRS``). Server processes inherit it."""
+    return _isolate_cache(tmp_path_factory.mktemp("iclcls_cache"))
 
 
 @pytest.fixture(scope="session")

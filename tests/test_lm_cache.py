@@ -163,3 +163,77 @@ def test_delegates_sizes_and_name(smollm, tmp_path):
     assert lm.context_window == smollm.context_window
     assert lm.count_tokens("hello world") == smollm.count_tokens("hello world")
     assert lm.score_naive.__self__ is smollm  # backend extras pass through
+
+
+def test_keys_carry_the_weights_hash(smollm, tmp_path):
+    from iclcls.lm.cache import model_identity
+
+    ident = model_identity(smollm)
+    assert ident.startswith(smollm.name + "#sha256:")
+    assert CachedLM(CountingLM(smollm), cache_dir=tmp_path).identity == ident  # wrappers answer as their backend
+
+
+class _FileLM(BaseLM):
+    """Two 'versions' of one model: same name, different weights files (control flow only)."""
+
+    name = "same-name"
+
+    def __init__(self, weights, answer: str) -> None:
+        from iclcls.lm.models import ModelSource
+
+        self.source = ModelSource("same-name", str(weights.parent), weights.name)
+        self.answer = answer
+        self.calls = 0
+
+    context_window = 2048
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def generate(self, prompts, **kw):
+        self.calls += len(prompts)
+        return [self.answer for _ in prompts]
+
+    def chat(self, conversations, **kw):
+        return self.generate(conversations)
+
+    def score_batch(self, requests):
+        return [[np.zeros(1) for _ in conts] for _, conts in requests]
+
+
+def test_two_models_sharing_a_cache_never_mix(tmp_path):
+    (tmp_path / "a.gguf").write_bytes(b"weights A")
+    (tmp_path / "b.gguf").write_bytes(b"weights B")
+    a = CachedLM(_FileLM(tmp_path / "a.gguf", "from A"), cache_dir=tmp_path / "cache")
+    b = CachedLM(_FileLM(tmp_path / "b.gguf", "from B"), cache_dir=tmp_path / "cache")
+    assert a.identity != b.identity and a.name == b.name
+    assert a.generate(["hi"]) == ["from A"]
+    assert b.generate(["hi"]) == ["from B"]  # not A's cached answer
+    assert a.generate(["hi"]) == ["from A"] and a.lm.calls == 1 and b.lm.calls == 1
+
+
+def test_a_planted_pickle_is_never_loaded(tmp_path):
+    import diskcache
+
+    from iclcls.lm.cache import request_key
+
+    (tmp_path / "w.gguf").write_bytes(b"w")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    lm = CachedLM(_FileLM(tmp_path / "w.gguf", "real"), cache_dir=tmp_path / "cache")
+    params = {"max_tokens": 64, "temperature": 0.0, "stop": None, "seed": 0, "choices": None}
+    key = request_key(lm.identity, "generate", "hi", params)
+    lm.close()
+    with diskcache.Cache(str(tmp_path / "cache")) as plain:  # the default Disk pickles
+        plain.set(key, Payload())
+        plain.set(request_key(lm.identity, "generate", "ho", params), b"\x80\x04binary")
+    lm = CachedLM(_FileLM(tmp_path / "w.gguf", "real"), cache_dir=tmp_path / "cache")
+    assert lm.generate(["hi", "ho"]) == ["real", "real"]  # both misses: computed, not loaded
+    assert not marker.exists()
+    assert lm.misses == 2 and lm.lm.calls == 2
+    with pytest.raises(TypeError, match="stores JSON text only"):
+        lm._store.set("x", {"not": "text"})

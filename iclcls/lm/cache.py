@@ -7,15 +7,22 @@ item — one generated prompt, one conversation, one (prompt, continuation) scor
 backend, in one batched call; results come back in request order.
 
 Storage is ``diskcache`` (SQLite; safe across threads and processes) with keys and
-values as plain strings (a SHA-256 of the canonical JSON key; JSON values), so reading
-the cache never unpickles anything.
+values as plain strings (a SHA-256 of the canonical JSON key; JSON values). The cache's
+``Disk`` stores and returns ``str`` only and refuses a pickled entry, so a cache folder
+someone hands you holds data, never code.
+
+Every key starts with the model's identity (``model_identity``): its name plus a hash of
+its weights file(s) (a local model) or the server URL (an endpoint), so two models, or
+two versions of one model, sharing a cache folder never read each other's results.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +34,71 @@ import numpy as np
 from iclcls.lm.base import BaseLM, Conversation, ScoreRequest
 from iclcls.lm.models import cache_dir as default_cache_dir
 
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: keys carry the model identity (weights hash), not only its name
+
+log = logging.getLogger(__name__)
+
+
+class _TextOnlyDisk(diskcache.Disk):
+    """A diskcache Disk that stores and returns only ``str`` values: never pickle."""
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):  # type: ignore[override]
+        if type(value) is not str:
+            raise TypeError(f"LM request cache stores JSON text only, got {type(value).__name__}")
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode, filename, value, read):  # type: ignore[override]
+        if mode in (diskcache.core.MODE_PICKLE, diskcache.core.MODE_BINARY):
+            raise ValueError("LM request cache entry is not text (pickled or binary); refusing to load it")
+        return super().fetch(mode, filename, value, read)
+
+
+_WEIGHT_FILES = ("*.gguf", "*.safetensors", "*.bin", "*.pt", "config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """SHA-256 of a model file, or of a model folder's weight, config and tokenizer files
+    (names and contents); computed once per process per file version."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted({f for pat in _WEIGHT_FILES for f in p.glob(pat) if f.is_file()})
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f.name.encode("utf-8") + b"\0" + _file_sha256(str(f.resolve()), st.st_size, st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def model_identity(lm: Any) -> str:
+    """What distinguishes ``lm``'s answers: ``lm.identity`` if it has one, else its name plus
+    the hash of its local weights (GGUF file or model folder), or plus its server URL."""
+    ident = getattr(lm, "identity", None)
+    if isinstance(ident, str) and ident:
+        return ident
+    name = str(getattr(lm, "name", type(lm).__name__))
+    inner = getattr(lm, "lm", None)  # a thin wrapper (a counter, a cache) answers as its backend
+    if inner is not None and inner is not lm and getattr(inner, "name", None) == name:
+        return model_identity(inner)
+    base = getattr(lm, "api_base", None)
+    if isinstance(base, str):
+        return f"{name}@{base}"
+    source = getattr(lm, "source", None)  # TransformersLM: a ModelSource
+    where = None
+    if source is not None and getattr(source, "path", None):
+        where = source.gguf_path or Path(source.path)
+    elif isinstance(getattr(lm, "model", None), str):  # VLLMEngine: the model folder
+        where = Path(lm.model)
+    if where is not None and Path(where).exists():
+        return f"{name}#sha256:{content_hash(where)[:32]}"
+    return name  # a hub id: the name is all we know (pin a revision in the name)
 
 
 def _json_default(o: Any) -> Any:
@@ -55,8 +126,9 @@ class CachedLM(BaseLM):
     def __init__(self, lm: Any, *, cache_dir: str | Path | None = None, size_limit: int = 2**32) -> None:
         self.lm = lm
         self.name = lm.name
+        self.identity = model_identity(lm)
         self.directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "lm_requests"
-        self._store = diskcache.Cache(str(self.directory), size_limit=size_limit)
+        self._store = diskcache.Cache(str(self.directory), disk=_TextOnlyDisk, size_limit=size_limit)
         try:
             self._takes_prefix = "shared_prefix" in inspect.signature(lm.score_batch).parameters
         except (TypeError, ValueError):
@@ -95,9 +167,12 @@ class CachedLM(BaseLM):
     def _lookup(self, keys: Sequence[str]) -> dict[str, Any]:
         found = {}
         for k in dict.fromkeys(keys):
-            raw = self._store.get(k)
-            if isinstance(raw, str):  # anything else is not ours: treat as a miss
-                found[k] = json.loads(raw)
+            try:
+                raw = self._store.get(k)
+                if isinstance(raw, str):  # anything else is not ours: treat as a miss
+                    found[k] = json.loads(raw)
+            except (ValueError, TypeError) as e:  # a pickled, binary or corrupt entry: a miss
+                log.warning("%s: ignoring a cache entry that is not ours (%s)", self.directory, e)
         with self._count_lock:
             n_hit = sum(1 for k in keys if k in found)
             self.hits += n_hit
@@ -113,7 +188,7 @@ class CachedLM(BaseLM):
 
     def _cached_map(self, method: str, items: Sequence[Any], params: dict[str, Any], call: Any) -> list[Any]:
         """Results for ``items`` (JSON-able requests): cached ones from disk, the rest from ``call(misses)``."""
-        keys = [request_key(self.name, method, item, params) for item in items]
+        keys = [request_key(self.identity, method, item, params) for item in items]
         found = self._lookup(keys)
         todo: dict[str, Any] = {}
         for k, item in zip(keys, items):
@@ -181,7 +256,7 @@ class CachedLM(BaseLM):
         """
         options = {"shared_prefix": shared_prefix} if shared_prefix is not None and self._takes_prefix else {}
         requests = [(p, list(c)) for p, c in requests]
-        keys = [[request_key(self.name, "score", p, c) for c in conts] for p, conts in requests]
+        keys = [[request_key(self.identity, "score", p, c) for c in conts] for p, conts in requests]
         found = self._lookup([k for ks in keys for k in ks])
         # Group the misses by prompt so the backend still shares each prompt's prefill.
         todo: dict[str, dict[str, str]] = {}
