@@ -1,0 +1,3 @@
+"""The classification service (`iclcls serve`): FastAPI app, write-ahead log and snapshots,
+micro-batching, auth, and a small web page. Import ``iclcls.serve.app`` for the app itself;
+this package's import stays light."""

@@ -1,0 +1,113 @@
+// The iclcls page: classify pasted texts, show ranked labels and the demonstrations the
+// LM saw, add a class from example lines. All text goes in via textContent (never HTML).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const keyInput = $("api-key");
+keyInput.value = sessionStorage.getItem("iclcls-key") || "";
+keyInput.addEventListener("change", () => { sessionStorage.setItem("iclcls-key", keyInput.value); refreshClasses(); });
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function lines(value) {
+  return value.split("\n").map((s) => s.trim()).filter((s) => s.length > 0);
+}
+
+async function api(method, path, body) {
+  const headers = { "Content-Type": "application/json" };
+  if (keyInput.value) headers["Authorization"] = "Bearer " + keyInput.value;
+  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  let data = null;
+  try { data = await resp.json(); } catch (e) { data = null; }
+  if (!resp.ok) {
+    const msg = data && data.error ? data.error.message : resp.statusText;
+    throw new Error(resp.status + ": " + msg);
+  }
+  return data;
+}
+
+function setStatus(id, text, isError) {
+  const s = $(id);
+  s.textContent = text;
+  s.classList.toggle("error", !!isError);
+}
+
+function renderPrediction(text, p) {
+  const box = el("div", "prediction");
+  box.appendChild(el("div", "text", text));
+  const ol = el("ol", "labels");
+  p.labels.forEach((lab, i) => {
+    const li = el("li");
+    li.appendChild(el("span", "label", lab));
+    const s = p.scores[i];
+    li.appendChild(el("span", "score", s === null || s === undefined ? "" : s.toFixed(3)));
+    ol.appendChild(li);
+  });
+  box.appendChild(ol);
+  const details = el("details", "demos");
+  const demos = p.demonstrations || [];
+  details.appendChild(el("summary", null, demos.length
+    ? "demonstrations the LM saw (" + demos.length + ")"
+    : "no demonstrations (the retriever ranked alone)"));
+  const ul = el("ul");
+  demos.forEach((d) => {
+    const li = el("li");
+    li.appendChild(el("span", "label", d.label || ""));
+    li.appendChild(document.createTextNode(": " + d.text));
+    ul.appendChild(li);
+  });
+  details.appendChild(ul);
+  if (p.candidates) details.appendChild(el("div", "candidates", "candidates: " + p.candidates.join(", ")));
+  box.appendChild(details);
+  return box;
+}
+
+$("classify").addEventListener("click", async () => {
+  const texts = lines($("texts").value);
+  if (!texts.length) { setStatus("classify-status", "type a text first", true); return; }
+  setStatus("classify-status", "classifying…");
+  const t0 = performance.now();
+  try {
+    const data = await api("POST", "/v1/classify", { texts, top_k: Number($("top-k").value) || 5, trace: true });
+    const results = $("results");
+    results.replaceChildren(...data.predictions.map((p, i) => renderPrediction(texts[i], p)));
+    setStatus("classify-status", texts.length + " classified in " + Math.round(performance.now() - t0) + " ms");
+  } catch (e) {
+    setStatus("classify-status", e.message, true);
+  }
+});
+
+$("add-class").addEventListener("click", async () => {
+  const label = $("new-label").value.trim();
+  const examples = lines($("new-examples").value);
+  if (!label || !examples.length) { setStatus("add-status", "give a label and at least one example", true); return; }
+  const body = { examples: examples.map((text) => ({ text, label })) };
+  const desc = $("new-description").value.trim();
+  if (desc) body.descriptions = { [label]: desc };
+  setStatus("add-status", "adding…");
+  try {
+    const r = await api("POST", "/v1/classes", body);
+    setStatus("add-status", "added " + r.added_examples + " examples of " + label + " (" + r.classes + " classes)");
+    $("new-examples").value = "";
+    await refreshClasses();
+  } catch (e) {
+    setStatus("add-status", e.message, true);
+  }
+});
+
+async function refreshClasses() {
+  try {
+    const data = await api("GET", "/v1/classes");
+    $("class-count").textContent = "(" + data.count + ")";
+    $("classes").replaceChildren(...data.classes.map((c) => el("li", null, c.label + " (" + c.examples + ")")));
+  } catch (e) {
+    $("class-count").textContent = "(" + e.message + ")";
+  }
+}
+
+refreshClasses();
