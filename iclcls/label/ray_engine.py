@@ -1,0 +1,146 @@
+"""`iclcls label --engine ray`: the same labelling as a Ray Data pipeline.
+
+read (``read_text`` for JSONL/.txt, ``read_csv``, ``read_parquet``) -> ``map_batches`` over a
+pool of actors that each load the saved state once -> rows streamed back in input order
+(``preserve_order``) to the driver, which numbers them and writes OUT exactly as the local
+engine does (same rows, ids, resume and sidecar). JSONL goes through ``read_text`` and the
+local line parser rather than ``read_json``, so a malformed line is one error row on both
+engines instead of a failed read.
+
+Row numbers are only known in order, at the driver: on resume without an id column the
+workers re-label the rows already done and the driver drops them; with ``--id-field`` the
+workers skip done ids themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from iclcls.label.readers import Format, Record, csv_columns, parse_line, records_from_columns, unknown_id
+from iclcls.label.rows import RowOptions, label_records, prepare
+
+SKIPPED = ""  # a worker's marker for a row already in OUT (kept so the driver's numbering holds)
+_UNKNOWN = unknown_id(None)
+
+
+class LabelActor:
+    """A Ray actor: loads the state once, then labels batches of input rows."""
+
+    def __init__(
+        self, *, state: str, lm: str | None, trust: bool, fmt: Format, text_field: str, id_field: str | None,
+        chunk_rows: int, row_options: RowOptions, done: frozenset, threads: int,
+    ) -> None:
+        import torch
+
+        from iclcls.classifier import ICLClassifier
+
+        torch.set_num_threads(max(1, threads))
+        self.clf = prepare(ICLClassifier.load(state, lm=lm, trust=trust), chunk_rows=chunk_rows)
+        self.fmt, self.text_field, self.id_field = fmt, text_field, id_field
+        self.row_options, self.done = row_options, done
+
+    def __call__(self, batch: Any) -> dict[str, list[str]]:
+        records = self._records(batch)
+        todo = [r for r in records if not (self.id_field and r.id in self.done)]
+        labelled = iter(label_records(self.clf, todo, self.row_options))
+        out = []
+        for r in records:
+            out.append(SKIPPED if self.id_field and r.id in self.done else json.dumps(next(labelled), ensure_ascii=False))
+        return {"row": out}
+
+    def _records(self, batch: Any) -> list[Record]:
+        if self.fmt in ("jsonl", "txt"):
+            lines = batch.column("text").to_pylist()
+            return [
+                parse_line(line, fmt=self.fmt, row=None, text_field=self.text_field, id_field=self.id_field)
+                for line in lines
+                if line.strip()
+            ]
+        names = batch.schema.names
+        ids = batch.column(names.index(self.id_field)) if self.id_field else None
+        return records_from_columns(
+            batch.column(names.index(self.text_field)), ids,
+            rows=[None] * batch.num_rows, text_field=self.text_field, id_field=self.id_field,
+        )
+
+
+def _read(path: Path, fmt: Format, *, text_field: str, id_field: str | None) -> Any:
+    import ray.data
+
+    p = str(path.resolve())
+    if fmt in ("jsonl", "txt"):
+        return ray.data.read_text(p, drop_empty_lines=True)
+    if fmt == "parquet":
+        return ray.data.read_parquet(p, columns=list(dict.fromkeys(c for c in (text_field, id_field) if c)))
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    names = csv_columns(path, fmt)
+    return ray.data.read_csv(
+        p,
+        parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in names},
+            include_columns=list(dict.fromkeys(c for c in (text_field, id_field) if c)),
+            check_utf8=False, strings_can_be_null=False, quoted_strings_can_be_null=False,
+        ),
+    )
+
+
+def iter_ray_rows(
+    path: Path, fmt: Format, *, state: Path, lm: str | None, trust: bool, text_field: str, id_field: str | None,
+    chunk_rows: int, row_options: RowOptions, workers: int, address: str | None, limit: int | None,
+    done: set[Any], worker_cpus: float = 1.0,
+) -> Iterator[list[tuple[int, dict[str, Any] | None]]]:
+    """Batches of ``(row number, row or None if already done)`` in input order."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ImportError("--engine ray needs Ray Data: pip install 'iclcls[ray]' (ray[data])") from None
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        started = True
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        ds = _read(path, fmt, text_field=text_field, id_field=id_field)
+        if limit is not None:
+            ds = ds.limit(limit)
+        ds = ds.map_batches(
+            LabelActor,
+            fn_constructor_kwargs=dict(
+                state=str(Path(state).resolve()), lm=lm, trust=trust, fmt=fmt, text_field=text_field,
+                id_field=id_field, chunk_rows=chunk_rows, row_options=row_options,
+                done=frozenset(done) if id_field else frozenset(), threads=max(1, int(worker_cpus)),
+            ),
+            batch_size=chunk_rows,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=worker_cpus,
+        )
+        row = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            out: list[tuple[int, dict[str, Any] | None]] = []
+            for s in batch.column("row").to_pylist():
+                if s == SKIPPED:
+                    out.append((row, None))
+                else:
+                    d = json.loads(s)
+                    if d.get("id") is None:
+                        d["id"] = row
+                    elif d["id"] == _UNKNOWN:
+                        d["id"] = unknown_id(row)
+                    out.append((row, d))
+                row += 1
+            yield out
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,186 @@
+"""Label a corpus: check everything cheap first, then stream chunks through the classifier.
+
+Order of work, so that a mistake costs nothing: the input's format and columns, OUT's
+writability, duplicate ids, the sidecar (resume or refuse) -- and only then the state is
+loaded and rows are labelled, a chunk at a time, each chunk appended and fsynced.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from iclcls.label.output import JsonlSink, StdoutSink, check_writable, state_fingerprint
+from iclcls.label.readers import LabelInputError, chunked, check_unique_ids, detect_format, inspect_input, iter_records
+from iclcls.label.rows import RowOptions, label_records, prepare
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    """How to label. The fields marked ``shapes_rows`` go in the sidecar: resuming needs them equal."""
+
+    text_field: str = "text"
+    id_field: str | None = None
+    with_text: bool = False
+    trace: bool = False
+    lm: str | None = None
+    trust: bool = False
+    limit: int | None = None
+    overwrite: bool = False
+    chunk_rows: int = 256
+    engine: Literal["local", "ray"] = "local"
+    workers: int = 1
+    address: str | None = None
+    progress: bool = True
+
+    def sidecar(self, input_path: Path) -> dict[str, Any]:
+        return {
+            "input": str(Path(input_path).resolve()),
+            "text_field": self.text_field,
+            "id_field": self.id_field,
+            "with_text": self.with_text,
+            "trace": self.trace,
+            "lm": self.lm,
+        }
+
+
+@dataclass
+class LabelSummary:
+    """What a run did: rows labelled now, of which failed; rows found already done in OUT."""
+
+    out: str | None
+    rows_done: int = 0
+    rows_failed: int = 0
+    rows_skipped: int = 0
+    seconds: float = 0.0
+    total_rows: int | None = None
+    engine: str = "local"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_done / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rows_per_s": self.rows_per_s}
+
+
+def label_corpus(
+    input_path: str | Path, *, state: str | Path, out: str | Path | None, options: LabelOptions = LabelOptions()
+) -> LabelSummary:
+    """Label every row of ``input_path`` with the classifier saved in ``state`` into ``out``
+    (JSONL; None: standard output, no resume). Raises LabelInputError before any work when the
+    input, the output or a resume is wrong; row-level failures become error rows instead."""
+    t0 = time.perf_counter()
+    opts = options
+    if opts.chunk_rows < 1 or opts.workers < 1 or (opts.limit is not None and opts.limit < 0):
+        raise LabelInputError("chunk_rows and workers must be >= 1 and limit >= 0")
+    if opts.engine not in ("local", "ray"):
+        raise LabelInputError(f"unknown engine {opts.engine!r}; use local or ray")
+    src = Path(input_path)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such input file")
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        check_writable(out_path)
+    fmt = detect_format(src)
+    info = inspect_input(src, fmt, text_field=opts.text_field, id_field=opts.id_field)
+    if opts.id_field is not None:
+        check_unique_ids(src, fmt, text_field=opts.text_field, id_field=opts.id_field)
+    fingerprint = state_fingerprint(Path(state))
+    sink: JsonlSink | StdoutSink
+    if out_path is not None:
+        sink = JsonlSink(out_path)
+        sink.open(fingerprint=fingerprint, options=opts.sidecar(src), overwrite=opts.overwrite)
+    else:
+        sink = StdoutSink()
+    total = info.rows if opts.limit is None or info.rows is None else min(info.rows, opts.limit)
+    summary = LabelSummary(out=str(out_path) if out_path else None, total_rows=total, engine=opts.engine)
+    try:
+        if info.rows == 0:
+            summary.notes.append(f"{src} has no rows: nothing to label")
+            return summary
+        row_opts = RowOptions(with_text=opts.with_text, trace=opts.trace)
+        with _progress(total, opts.progress) as advance:
+            for batch in _batches(src, fmt, state=Path(state), opts=opts, row_opts=row_opts, done=sink.done):
+                rows = []
+                for _, row in batch:
+                    if row is None or row["id"] in sink.done:
+                        summary.rows_skipped += 1
+                        continue
+                    rows.append(row)
+                sink.write(rows)
+                summary.rows_done += len(rows)
+                summary.rows_failed += sum("error" in r for r in rows)
+                advance(len(batch), summary)
+    finally:
+        sink.close()
+        summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _batches(
+    src: Path, fmt: Any, *, state: Path, opts: LabelOptions, row_opts: RowOptions, done: set[Any]
+) -> Iterator[list[tuple[int, dict[str, Any] | None]]]:
+    """``(row number, row or None when already done)`` batches, in input order, from either engine."""
+    if opts.engine == "ray":
+        from iclcls.label.ray_engine import iter_ray_rows
+
+        yield from iter_ray_rows(
+            src, fmt, state=state, lm=opts.lm, trust=opts.trust, text_field=opts.text_field,
+            id_field=opts.id_field, chunk_rows=opts.chunk_rows, row_options=row_opts, workers=opts.workers,
+            address=opts.address, limit=opts.limit, done=done,
+        )
+        return
+    from iclcls.classifier import ICLClassifier
+
+    clf = prepare(ICLClassifier.load(state, lm=opts.lm, trust=opts.trust), chunk_rows=opts.chunk_rows)
+    records = iter_records(src, fmt, text_field=opts.text_field, id_field=opts.id_field)
+    for chunk in chunked(_limited(records, opts.limit), opts.chunk_rows):
+        todo = [r for r in chunk if r.id not in done]
+        labelled = iter(label_records(clf, todo, row_opts))
+        yield [(r.row, None if r.id in done else next(labelled)) for r in chunk]
+
+
+def _limited(records: Iterator[Any], limit: int | None) -> Iterator[Any]:
+    for i, r in enumerate(records):
+        if limit is not None and i >= limit:
+            return
+        yield r
+
+
+class _progress:
+    """A rich progress bar on stderr (rows, rows/s, ETA), or nothing."""
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self._p: Any = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n, s: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._p = Progress(
+            TextColumn("label"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} rows/s"), TextColumn("{task.fields[failed]} failed"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=Console(stderr=True), transient=False,
+        )
+        self._p.start()
+        task = self._p.add_task("label", total=self.total, rate="-", failed=0)
+        t0 = time.perf_counter()
+
+        def advance(n: int, s: LabelSummary) -> None:
+            dt = time.perf_counter() - t0
+            self._p.update(task, advance=n, rate=f"{s.rows_done / dt:.1f}" if dt > 0 else "-", failed=s.rows_failed)
+
+        return advance
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._p is not None:
+            self._p.stop()

@@ -1,0 +1,273 @@
+"""`iclcls label`: streaming formats, error rows, resume and its sidecar, bad input, the CLI,
+and the Ray engine on a real local Ray cluster (same rows as the local engine).
+
+One retriever-only state fitted on the BANKING77 10-shot pool serves every test; inputs
+are a few dozen real test sentences (500 for the Ray comparison).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from iclcls.cli import app
+from iclcls.label import LabelInputError, LabelOptions, ResumeRefused, label_corpus, meta_path
+from iclcls.label.readers import Record
+from iclcls.label.rows import RowOptions, label_records
+from scripted_lm import ScriptedLM
+
+Q = LabelOptions(progress=False, chunk_rows=8)
+
+
+def opts(**kw) -> LabelOptions:
+    return LabelOptions(**{**Q.__dict__, **kw})
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def banking(data_dir):
+    from iclcls.data import load_benchmark
+
+    return load_benchmark("banking77_10shot", data_dir=data_dir)
+
+
+@pytest.fixture(scope="session")
+def state(banking, tmp_path_factory):
+    """A retriever-only state (shortlist of 5) on the 10-shot pool, saved once."""
+    from iclcls.programs import retriever_only
+
+    d = tmp_path_factory.mktemp("label") / "state"
+    retriever_only(shortlist_k=5).fit(banking.train).save(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def clf(state):
+    from iclcls.classifier import ICLClassifier
+
+    return ICLClassifier.load(state)
+
+
+@pytest.fixture(scope="session")
+def texts(banking):
+    return [ex.text for ex in banking.test[:24]]
+
+
+def test_jsonl_rows_carry_ids_labels_scores_text_and_match_predict(tmp_path, state, clf, texts):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"qid": f"q{i}", "body": t} for i, t in enumerate(texts)])
+    out = tmp_path / "out.jsonl"
+    s = label_corpus(src, state=state, out=out, options=opts(id_field="qid", text_field="body", with_text=True))
+    rows = read_rows(out)
+    assert (s.rows_done, s.rows_failed, s.rows_skipped) == (24, 0, 0)
+    assert [r["id"] for r in rows] == [f"q{i}" for i in range(24)]
+    expected = clf.predict(texts, show_progress=False)
+    for r, p, t in zip(rows, expected, texts):
+        assert r["labels"] == list(p.labels) and r["text"] == t and len(r["scores"]) == len(r["labels"]) == 5
+        assert r["scores"] == pytest.approx(list(p.scores), abs=1e-5)
+        assert "candidates" not in r and "trace" not in r  # --trace is off by default
+    meta = json.loads(meta_path(out).read_text())
+    assert meta["options"]["id_field"] == "qid" and len(meta["state"]) == 64
+
+
+def test_csv_tsv_parquet_txt_give_the_same_labels_as_jsonl(tmp_path, state, texts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = texts[:12]
+    t[3] = 'has "quotes", a comma\nand a newline'
+    write_jsonl(tmp_path / "a.jsonl", [{"text": x} for x in t])
+    pa_csv = pa.table({"text": t, "other": ["007"] * 12})
+    import pyarrow.csv as pacsv
+
+    pacsv.write_csv(pa_csv, tmp_path / "a.csv")
+    (tmp_path / "a.tsv").write_text("text\n" + "".join(x.replace("\n", " ") + "\n" for x in t))
+    pq.write_table(pa_csv, tmp_path / "a.parquet")
+    (tmp_path / "a.txt").write_text("".join(x.replace("\n", " ") + "\n\n" for x in t))  # blank lines skipped
+    got = {}
+    for ext in ("jsonl", "csv", "tsv", "parquet", "txt"):
+        out = tmp_path / f"{ext}.out.jsonl"
+        s = label_corpus(tmp_path / f"a.{ext}", state=state, out=out, options=opts(trace=True))
+        assert s.rows_failed == 0, read_rows(out)
+        rows = read_rows(out)
+        assert [r["id"] for r in rows] == list(range(12)), ext
+        assert all(r["candidates"] and "demonstrations" in r for r in rows)  # --trace
+        got[ext] = [r["labels"][0] for r in rows]
+    same = [i for i in range(12) if i != 3]  # row 3 lost its newline in .tsv/.txt
+    for ext in ("csv", "parquet"):
+        assert got[ext] == got["jsonl"], ext
+    for ext in ("tsv", "txt"):
+        assert [got[ext][i] for i in same] == [got["jsonl"][i] for i in same], ext
+
+
+def test_bad_rows_become_error_rows_and_the_rest_is_labelled(tmp_path, state, texts):
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": i, "text": t}).encode() for i, t in enumerate(texts[:6])]
+    lines[2] = b'{"id": 2, "text": "unterminated'
+    lines[3] = b'{"id": 3, "text": "caf\xe9 latte"}'  # Latin-1, not UTF-8
+    lines[4] = json.dumps({"id": 4, "body": "no text field"}).encode()
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    s = label_corpus(src, state=state, out=out, options=opts(id_field="id"))
+    rows = read_rows(out)
+    assert (s.rows_done, s.rows_failed) == (6, 3)
+    assert [r["id"] for r in rows] == [0, 1, "row 2", 3, 4, 5]
+    assert "line 3: malformed JSON" in rows[2]["error"]
+    assert "line 4: not UTF-8 (byte 0xe9" in rows[3]["error"]
+    assert "no field 'text' (fields: id, body)" in rows[4]["error"]
+    assert all(rows[i]["labels"] for i in (0, 1, 5))
+    # the CLI exits non-zero when any row failed
+    r = CliRunner().invoke(app, ["label", str(src), "--state", str(state), "--out", str(tmp_path / "o2.jsonl"),
+                                 "--id-field", "id", "--quiet"])
+    assert r.exit_code == 1, r.output
+    assert "3 failed" in r.output
+
+    csv = tmp_path / "in.csv"
+    csv.write_bytes(b"text,k\n" + texts[0].encode() + b",a\n" + b"x,y,z\n" + b"caf\xe9,b\n" + b'"' + texts[1].encode() + b'",c\n')
+    s = label_corpus(csv, state=state, out=tmp_path / "csv.jsonl", options=opts())
+    rows = read_rows(tmp_path / "csv.jsonl")
+    assert [r["id"] for r in rows] == [0, 1, 2, 3] and s.rows_failed == 2
+    assert "expected 2 columns, found 3" in rows[1]["error"] and "not UTF-8" in rows[2]["error"]
+    assert rows[0]["labels"] and rows[3]["labels"]
+
+
+def test_bad_input_is_refused_before_any_work(tmp_path, state, texts):
+    # empty file: a clear note, exit 0, no rows
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = CliRunner().invoke(app, ["label", str(empty), "--state", str(state), "--out", str(tmp_path / "e.jsonl"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "has no rows" in r.output and "labelled 0 rows" in r.output
+    assert (tmp_path / "e.jsonl").read_text() == ""
+    # a missing text column names the columns there are
+    src = write_jsonl(tmp_path / "a.jsonl", [{"sentence": t, "id": i} for i, t in enumerate(texts[:3])])
+    with pytest.raises(LabelInputError, match=r"no column 'text'; the columns are: sentence, id"):
+        label_corpus(src, state=state, out=tmp_path / "o.jsonl", options=opts())
+    (tmp_path / "a.csv").write_text("sentence,id\nhello,1\n")
+    r = CliRunner().invoke(app, ["label", str(tmp_path / "a.csv"), "--state", str(state), "--out", str(tmp_path / "c.jsonl")])
+    assert r.exit_code == 2 and "the columns are: sentence, id" in " ".join(r.output.split())
+    # duplicate ids: refused up front, naming the first duplicate
+    dup = write_jsonl(tmp_path / "d.jsonl", [{"id": x, "text": t} for x, t in zip(["a", "b", "c", "b", "a"], texts)])
+    with pytest.raises(LabelInputError, match=r"duplicate id 'b' \(rows 1 and 3"):
+        label_corpus(dup, state=state, out=tmp_path / "d.out.jsonl", options=opts(id_field="id"))
+    assert not (tmp_path / "d.out.jsonl").exists()
+    # OUT not writable (its folder is a file): fails before reading the state
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(LabelInputError, match="cannot create the output folder"):
+        label_corpus(src, state=tmp_path / "no-such-state", out=blocker / "out.jsonl", options=opts(text_field="sentence"))
+
+
+def test_resume_after_limit_and_torn_line_writes_each_id_once(tmp_path, state, texts):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    out = tmp_path / "out.jsonl"
+    s = label_corpus(src, state=state, out=out, options=opts(limit=10))
+    assert s.rows_done == 10 and [r["id"] for r in read_rows(out)] == list(range(10))
+    with open(out, "ab") as f:  # a kill in the middle of writing a chunk
+        f.write(b'{"id": 10, "labels": ["tor')
+    s = label_corpus(src, state=state, out=out, options=opts())
+    ids = [r["id"] for r in read_rows(out)]
+    assert ids == list(range(24)) and (s.rows_done, s.rows_skipped) == (14, 10)
+    s = label_corpus(src, state=state, out=out, options=opts())  # all done: nothing to do
+    assert (s.rows_done, s.rows_skipped) == (0, 24) and len(read_rows(out)) == 24
+    # the same with an id column and a killed CLI run is in eval/bench_label.py (resume figures)
+
+
+def test_resume_with_other_options_or_state_is_refused(tmp_path, state, banking, texts):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t, "t2": t} for t in texts[:5]])
+    out = tmp_path / "out.jsonl"
+    label_corpus(src, state=state, out=out, options=opts(limit=2))
+    with pytest.raises(ResumeRefused, match=r"text_field \('text' then, 't2' now\).*--overwrite"):
+        label_corpus(src, state=state, out=out, options=opts(text_field="t2"))
+    from iclcls.programs import retriever_only
+
+    other = tmp_path / "other"
+    retriever_only(shortlist_k=3).fit(banking.train[:100]).save(other)
+    r = CliRunner().invoke(app, ["label", str(src), "--state", str(other), "--out", str(out), "--quiet"])
+    assert r.exit_code == 2 and "different state" in " ".join(r.output.split())
+    s = label_corpus(src, state=other, out=out, options=opts(overwrite=True))
+    assert s.rows_done == 5 and all(len(r["labels"]) == 3 for r in read_rows(out))
+    meta_path(out).unlink()  # rows without a sidecar cannot be resumed safely
+    with pytest.raises(ResumeRefused, match="no out.jsonl.meta.json"):
+        label_corpus(src, state=other, out=out, options=opts())
+
+
+class _FailingLM(ScriptedLM):
+    """Raises for one query, as a backend does after its retries: control flow only."""
+
+    def score_batch(self, requests):
+        if any("BOOM" in prompt for prompt, _ in requests):
+            raise RuntimeError("server returned 500 after 3 retries")
+        return super().score_batch(requests)
+
+
+def test_an_lm_failure_fails_only_its_row(banking):
+    from iclcls.programs import knn_fusion
+
+    lm_clf = knn_fusion(lm=_FailingLM(), shots=2, shortlist_k=3).fit(banking.train[:60])
+    recs = [Record(i, i, t) for i, t in enumerate(["card lost", "BOOM my card", "exchange rate", "top up"])]
+    rows = label_records(lm_clf, recs, RowOptions())
+    assert [("error" in r) for r in rows] == [False, True, False, False]
+    assert rows[1] == {"id": 1, "error": "RuntimeError: server returned 500 after 3 retries"}
+
+
+def test_predict_alias_writes_label_rows_with_trace(tmp_path, state, texts):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts[:3]])
+    r = CliRunner().invoke(app, ["predict", str(src), "--state", str(state)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert [x["id"] for x in rows] == [0, 1, 2] and all(x["candidates"] and x["labels"] for x in rows)
+
+
+# -- the Ray engine, on a real local Ray cluster ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_engine_equals_local_row_for_row(tmp_path, state, banking, ray_cluster):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": ex.text} for ex in banking.test[:500]])
+    local = tmp_path / "local.jsonl"
+    label_corpus(src, state=state, out=local, options=opts(chunk_rows=128))
+    remote = tmp_path / "ray.jsonl"
+    s = label_corpus(src, state=state, out=remote, options=opts(chunk_rows=128, engine="ray", workers=2))
+    a, b = read_rows(local), read_rows(remote)
+    assert s.rows_done == 500 and len(a) == len(b) == 500
+    assert [r["id"] for r in b] == list(range(500))
+    for x, y in zip(a, b):
+        assert x["id"] == y["id"] and x["labels"] == y["labels"], (x, y)
+        assert x["scores"] == pytest.approx(y["scores"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ray_engine_ids_errors_and_resume(tmp_path, state, texts, ray_cluster):
+    rows = [{"doc": f"d{i}", "text": t} for i, t in enumerate(texts[:12])]
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    lines[5] = '{"doc": "d5", "text": '
+    src.write_text("\n".join(lines) + "\n")
+    local = tmp_path / "local.jsonl"
+    label_corpus(src, state=state, out=local, options=opts(id_field="doc"))
+    out = tmp_path / "ray.jsonl"
+    label_corpus(src, state=state, out=out, options=opts(id_field="doc", engine="ray", limit=4))
+    s = label_corpus(src, state=state, out=out, options=opts(id_field="doc", engine="ray", workers=2))
+    got = read_rows(out)
+    assert [r["id"] for r in got] == [r["id"] for r in read_rows(local)] and s.rows_skipped == 4
+    assert got[5]["id"] == "row 5" and "malformed JSON" in got[5]["error"]
+    assert [r.get("labels") for r in got] == [r.get("labels") for r in read_rows(local)]
