@@ -81,41 +81,77 @@ def demo(
     )
 
 
-def _read_inputs(path: Path, text_field: str):
-    from iclcls.data import load_examples
-    from iclcls.types import Example
+def _run_label(inputs: Path, state: Path, out: Optional[Path], **options) -> None:
+    """Shared by `label` and its alias `predict`: run, print the summary, set the exit code."""
+    from iclcls.label import LabelOptions, label_corpus
 
-    if path.suffix in (".txt",):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [Example(line) for line in lines if line.strip()]
-    return load_examples(path, text_field=text_field, label_field=None)
+    try:
+        summary = label_corpus(inputs, state=state, out=out, options=LabelOptions(**options))
+    except KeyboardInterrupt:
+        where = f"{out} holds every finished chunk; run the same command again to resume" if out else "stopped"
+        Console(stderr=True).print(f"[yellow]interrupted[/yellow]: {where}")
+        raise typer.Exit(130)
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
+        _fail(str(e))
+    err = Console(stderr=True)
+    for note in summary.notes:
+        err.print(note, highlight=False, soft_wrap=True)
+    err.print(
+        f"labelled {summary.rows_done} rows ({summary.rows_failed} failed"
+        + (f", {summary.rows_skipped} already in {out}" if summary.rows_skipped else "")
+        + f") in {summary.seconds:.1f} s, {summary.rows_per_s:.1f} rows/s"
+        + (f" -> {out}" if out else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    if summary.rows_failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def label(
+    inputs: Path = typer.Argument(..., help="JSONL, CSV, TSV, Parquet or .txt (one text per line); read in chunks"),
+    state: Path = typer.Option(..., "--state", help="a folder written by `iclcls fit` / ICLClassifier.save"),
+    out: Path = typer.Option(..., "--out", help="JSONL output; re-running the same command resumes it"),
+    text_field: str = typer.Option("text", "--text-field", help="the text column"),
+    id_field: Optional[str] = typer.Option(None, "--id-field", help="the id column (default: the row number, from 0)"),
+    with_text: bool = typer.Option(False, "--with-text", help="copy each input text into its row"),
+    trace: bool = typer.Option(False, "--trace", help="add candidates, demonstrations and the prompt to each row"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="label only the first N rows (a dry run)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start OUT over instead of resuming it"),
+    lm: Optional[str] = typer.Option(None, "--lm", help="override the saved LM spec, e.g. openai:MODEL@URL"),
+    trust_state: bool = typer.Option(
+        False, "--trust-state", help="trust the state folder: let it name an LM endpoint, local model, file or template"
+    ),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (a Ray Data job; pip install 'iclcls[ray]')"),
+    workers: int = typer.Option(1, "--workers", min=1, help="ray: actors, each loading the state once"),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: cluster address (default: start a local one)"),
+    chunk_rows: int = typer.Option(256, "--chunk-rows", min=1, help="rows per chunk (each chunk is written and fsynced)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Label a corpus: stream rows through a saved classifier into OUT (id, labels, scores per
+    row), a chunk at a time; resumable; failed rows become {"id", "error"} rows (exit code 1)."""
+    _run_label(
+        inputs, state, out, text_field=text_field, id_field=id_field, with_text=with_text, trace=trace,
+        limit=limit, overwrite=overwrite, lm=lm, trust=trust_state, engine=engine, workers=workers,
+        address=address, chunk_rows=chunk_rows, progress=not quiet,
+    )
 
 
 @app.command()
 def predict(
-    inputs: Path = typer.Argument(..., help="JSONL, CSV, TSV, JSON, Parquet or .txt (one text per line)"),
+    inputs: Path = typer.Argument(..., help="JSONL, CSV, TSV, Parquet or .txt (one text per line)"),
     state: Path = typer.Option(..., "--state", help="a folder written by `iclcls fit` / ICLClassifier.save"),
     out: Optional[Path] = typer.Option(None, "--out", help="JSONL output (default: stdout)"),
     lm: Optional[str] = typer.Option(None, help="override the saved LM spec"),
     text_field: str = typer.Option("text", help="the text column"),
+    id_field: Optional[str] = typer.Option(None, "--id-field", help="the id column (default: the row number)"),
+    trust_state: bool = typer.Option(
+        False, "--trust-state", help="trust the state folder: let it name an LM endpoint, local model, file or template"
+    ),
 ) -> None:
-    """Predict with a saved classifier: one JSON line per input, with candidates and demonstrations."""
-    from iclcls.classifier import ICLClassifier, dump_predictions
-
-    try:
-        clf = ICLClassifier.load(state, lm=lm)
-        examples = _read_inputs(inputs, text_field)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(str(e))
-    preds = clf.predict(examples, show_progress=True)
-    lines = dump_predictions(preds)
-    if out:
-        from iclcls.io import atomic_write_text
-
-        atomic_write_text(out, lines)
-        console.print(f"wrote {len(preds)} predictions to {out}", highlight=False)
-    else:
-        sys.stdout.write(lines)
+    """`iclcls label --trace`: one JSON line per input with candidates and demonstrations (stdout without --out)."""
+    _run_label(inputs, state, out, text_field=text_field, id_field=id_field, trace=True, lm=lm, trust=trust_state)
 
 
 @app.command()

