@@ -7,23 +7,25 @@ least-to-most similar, likelihood rank, fusion with the weight tuned on validati
 
     python eval/quality_intent.py --dataset banking77 --n 500 --lm smollm2
 
-Writes eval/results/quality_{dataset}_{lm}.json. Predictions are checkpointed per batch to a
-.partial.jsonl file, so an interrupted run resumes where it stopped.
+Writes eval/results/quality_{dataset}_{lm}.json. Predictions are checkpointed per batch
+(iclcls.experiment.PredictionCheckpoint, in quality_{dataset}_{lm}.checkpoint/), so an
+interrupted run with the same options resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from iclcls.classifier import ICLClassifier
 from iclcls.data import load_benchmark
-from iclcls.experiment import subset
+from iclcls.experiment import predict_with_checkpoint, subset
 from iclcls.io import atomic_write_json
 from iclcls.programs import knn_fusion, retriever_only
 from iclcls.types import Prediction
@@ -33,29 +35,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def accuracy(preds, examples) -> float:
     return float(np.mean([p.label == e.label for p, e in zip(preds, examples)]))
-
-
-def predict_with_checkpoint(clf: ICLClassifier, examples, path: Path, batch: int = 16) -> list[Prediction]:
-    """Predict in batches, appending each to ``path``; reuse what an earlier run finished."""
-    done: list[Prediction] = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                done.append(Prediction.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, KeyError):
-                break  # a torn last line: redo from there
-        print(f"resuming: {len(done)} predictions already in {path.name}", file=sys.stderr)
-    with open(path, "w", encoding="utf-8") as f:
-        for p in done:
-            f.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
-        for i in range(len(done), len(examples), batch):
-            preds = clf.predict(examples[i : i + batch], show_progress=False)
-            for p in preds:
-                f.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
-            f.flush()
-            done += preds
-            print(f"  {len(done)}/{len(examples)} acc so far {accuracy(done, examples):.3f}", file=sys.stderr, flush=True)
-    return done
 
 
 def main(argv=None) -> dict:
@@ -68,6 +47,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--shortlist-k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--force", action="store_true", help="discard a checkpoint of other settings instead of refusing it")
     args = ap.parse_args(argv)
 
     bench = load_benchmark(f"{args.dataset}_10shot", data_dir=args.data_dir)
@@ -95,8 +75,13 @@ def main(argv=None) -> dict:
         out["tuning"] = clf.tuned_ | {"n_val": len(val), "seconds": round(time.time() - t0, 1)}
         t0 = time.time()
         tag = args.lm.replace("/", "_").replace(":", "_")
-        partial = RESULTS / f"quality_{args.dataset}_{tag}.partial.jsonl"
-        preds = predict_with_checkpoint(clf, test, partial)
+        # The checkpoint's key is everything that decides the predictions: an interrupted run
+        # resumes, one with other options or data is refused instead of merged.
+        settings = {k: getattr(args, k) for k in ("dataset", "n", "n_val", "lm", "shots", "shortlist_k", "seed")}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        run_dir = RESULTS / f"quality_{args.dataset}_{tag}.checkpoint"
+        records, _ = predict_with_checkpoint(clf, test, out_dir=run_dir, config_key=key, chunk_size=16, force=args.force)
+        preds = [Prediction.from_dict(r) for r in records]
         out["seconds_per_query"] = round((time.time() - t0) / max(len(test), 1), 3)
         out["pipeline"] = accuracy(preds, test)
         out["fusion_weight"] = clf.ranker_.weight
@@ -110,7 +95,7 @@ def main(argv=None) -> dict:
     path = RESULTS / f"quality_{args.dataset}_{tag}.json"
     atomic_write_json(path, out)
     if args.lm != "none":
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(run_dir)
     keys = ["one_nn", "class_mean", "knn_vote", "shortlist_recall_at_10", "lm_only", "pipeline", "fusion_weight", "seconds_per_query"]
     print(f"| {args.dataset} | {args.lm} | " + " | ".join(f"{k}={out[k]:.3f}" if isinstance(out.get(k), float) else f"{k}={out.get(k)}" for k in keys) + " |")
     print(f"wrote {path}")

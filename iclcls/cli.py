@@ -161,12 +161,12 @@ def fit(
 ) -> None:
     """Fit a classifier from a config (embeddings, index, tuning on validation) and save its state."""
     from iclcls.config import FitConfig, load_config
-    from iclcls.experiment import load_splits
+    from iclcls.experiment import build_classifier, load_splits
 
     try:
         cfg = load_config(config, FitConfig)
         splits = load_splits(cfg.data)
-        clf = cfg.classifier.build()
+        clf = build_classifier(cfg.classifier)
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(str(e))
     clf.fit(splits.train, labels=splits.labels, validation=splits.validation if cfg.classifier.tune and splits.validation else None)

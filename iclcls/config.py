@@ -6,6 +6,10 @@ part of the library, and a sweep is a change of one key.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +41,8 @@ class DataConfig(BaseModel):
 
 
 class ClassifierConfig(BaseModel):
-    """ICLClassifier options; ``program`` starts from a preset in iclcls.programs."""
+    """ICLClassifier options; ``program`` starts from a preset in iclcls.programs
+    (``iclcls.experiment.build_classifier`` builds it)."""
 
     model_config = ConfigDict(extra="forbid")
     program: str | None = None
@@ -55,22 +60,6 @@ class ClassifierConfig(BaseModel):
     threshold: float | None = None
     batch_size: int | None = Field(default=None, ge=1)
     tune: bool = True
-
-    def build(self):
-        from iclcls.classifier import ICLClassifier
-        from iclcls.programs import PROGRAMS
-
-        opts = self.model_dump(exclude={"program", "tune"}, exclude_unset=True)
-        if "lm" in self.model_fields_set:
-            opts["lm"] = self.lm
-        if self.program:
-            if self.program not in PROGRAMS:
-                raise ValueError(f"unknown program {self.program!r}; known: {', '.join(PROGRAMS)}")
-            base = PROGRAMS[self.program]()
-            params = base.get_params(deep=False)
-            params.update(opts)
-            return ICLClassifier(**params)
-        return ICLClassifier(**opts)
 
 
 class FitConfig(BaseModel):
@@ -150,3 +139,89 @@ def parse(model: type[BaseModel], raw: dict[str, Any], path: str | Path) -> Any:
 
 def load_config(path: str | Path, model: type[BaseModel] = FitConfig) -> Any:
     return parse(model, load_yaml(path), path)
+
+
+# -- overrides (``--set shots=4``, sweep axes) and the hash of what decides the predictions ------
+
+_SECTIONS: dict[str, type[BaseModel]] = {"classifier": ClassifierConfig, "data": DataConfig, "eval": EvalOptions}
+
+
+def _qualify(key: str) -> str:
+    """``shots`` -> ``classifier.shots``, ``shortlist.prior_a`` -> ``classifier.shortlist.prior_a``;
+    keys that start with a section (``data.test_size``) pass through."""
+    head = key.partition(".")[0]
+    if head in _SECTIONS:
+        return key
+    for section, model in _SECTIONS.items():
+        if head in model.model_fields:
+            return f"{section}.{key}"
+    known = sorted(f for m in _SECTIONS.values() for f in m.model_fields)
+    raise ValueError(f"unknown option {key!r}: use a dotted path (classifier.shots) or one of: {', '.join(known)}")
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``a.b.c``; a stage given by name becomes ``{"name": ...}``."""
+    parts = _qualify(dotted).split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif isinstance(nxt, str) and i >= 1:  # e.g. classifier.select: knn -> {"name": "knn"}
+            nxt = node[part] = {"name": nxt}
+        elif not isinstance(nxt, dict):
+            raise ValueError(f"cannot set {dotted}: {'.'.join(parts[: i + 1])} is {nxt!r}, not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``raw`` with dotted-key (or short-key) overrides applied."""
+    out = copy.deepcopy(dict(raw))
+    for key, value in overrides.items():
+        set_path(out, key, value)
+    return out
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def parse_assignments(items: Sequence[str], *, grid: bool = False) -> dict[str, Any]:
+    """``["shots=4", "select=knn"]`` -> ``{"shots": 4, "select": "knn"}``.
+
+    With ``grid``, values are comma-separated lists (``shots=2,4,8`` -> ``[2, 4, 8]``); each
+    item is read as YAML, so numbers and booleans get their types.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        _qualify(key)
+        if key in out:
+            raise ValueError(f"option {key!r} is given twice")
+        out[key] = [_scalar(v.strip()) for v in value.split(",")] if grid else _scalar(value.strip())
+        if grid and not all(str(v) != "" for v in out[key]):
+            raise ValueError(f"empty value in {item!r}")
+    return out
+
+
+def load_eval_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> EvalConfig:
+    """Read and validate a config file, applying overrides first; errors name the file and field."""
+    raw = load_yaml(path)
+    cfg = parse(EvalConfig, apply_overrides(raw, overrides) if overrides else raw, path)
+    if cfg.eval.name is None:
+        cfg.eval.name = Path(path).stem
+    return cfg
+
+
+def config_hash(cfg: EvalConfig) -> str:
+    """What decides the predictions: data, classifier, and the split scored (not report options)."""
+    key = {"data": cfg.data.model_dump(mode="json"), "classifier": cfg.classifier.model_dump(mode="json"),
+           "split": cfg.eval.split}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

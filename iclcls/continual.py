@@ -27,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from iclcls.config import ClassifierConfig, DataConfig, load_yaml, parse
-from iclcls.io import atomic_path, atomic_write_json, atomic_write_text
+from iclcls.experiment import build_classifier, load_splits, remember_lm, subset
+from iclcls.experiment.report import fmt, markdown_table, pyplot, save_png
+from iclcls.io import atomic_write_json, atomic_write_text
 from iclcls.metrics import average_incremental_accuracy, forgetting, wilson_interval
 from iclcls.types import Example
 
@@ -68,26 +70,6 @@ def load_cil_config(path: str | Path) -> CILConfig:
     return parse(CILConfig, load_yaml(path), path)
 
 
-def _seeded_subset(examples: list[Example], n: int | None, seed: int) -> list[Example]:
-    if n is None or n >= len(examples):
-        return examples
-    idx = np.sort(np.random.default_rng(seed).choice(len(examples), size=n, replace=False))
-    return [examples[i] for i in idx]
-
-
-def _build(method: MethodConfig, lms: dict[str, Any]) -> Any:
-    """The method's classifier; LMs named by the same spec are loaded once and shared."""
-    clf = method.classifier.build()
-    if isinstance(clf.lm, str):
-        if clf.lm not in lms:
-            from iclcls.lm import get_lm
-
-            lms[clf.lm] = get_lm(clf.lm)
-        clf.set_params(lm=lms[clf.lm])
-    clf.set_params(show_progress=False)
-    return clf
-
-
 def _evaluate(clf: Any, examples: list[Example], k: int) -> tuple[list[str | None], list[bool], list[Any]]:
     """Top-1 predictions, whether the gold label is in the first k shortlisted candidates, the predictions."""
     preds = clf.predict(examples, show_progress=False) if examples else []
@@ -102,20 +84,10 @@ def fusion_curve(preds: Sequence[Any], examples: Sequence[Example], weights: Seq
     A diagnostic of how much the LM adds (w=0: the retriever alone, w=1: the LM alone); the
     reported accuracy stays the configured weight's.
     """
-    from iclcls.rank.fusion import FusionRanker
+    from iclcls.rank.fusion import fusion_accuracy
 
-    traces = [p.trace for p in preds]
-    if not traces or not all("lm_score" in t and "retriever_score" in t for t in traces):
-        return None
-    out = {}
-    for w in weights:
-        ok = 0
-        for t, ex in zip(traces, examples):
-            labels = list(t["lm_score"])
-            s = FusionRanker.fuse(labels, [t["lm_score"][x] for x in labels], [t["retriever_score"][x] for x in labels], w)
-            ok += labels[int(np.argmax(s))] in ex.labels
-        out[f"{w:g}"] = ok / len(traces)
-    return out
+    acc = fusion_accuracy([p.trace for p in preds], [ex.labels for ex in examples], weights)
+    return None if acc is None else {f"{w:g}": float(a) for w, a in zip(weights, acc)}
 
 
 def _ecl_stats(clf: Any) -> dict[str, Any] | None:
@@ -162,7 +134,7 @@ def run_method(
         if None not in ts:
             train_by_task[max(ts)].append(ex)  # a multi-label example arrives with its last class
     test_task = [task_of.get(ex.label) for ex in test]
-    clf = _build(method, lms)
+    clf = build_classifier(method.classifier, lms=lms, quiet=True)
     n_tasks = len(tasks)
     acc_rows: list[list[float]] = []
     acc_seen, recall_seen, n_eval, seconds_add, seconds_eval = [], [], [], [], []
@@ -173,13 +145,14 @@ def run_method(
         t0 = time.time()
         if t == 0:
             clf.fit(train_by_task[0])
+            remember_lm(clf, lms)
         else:
             clf.add_classes(train_by_task[t])
         seconds_add.append(time.time() - t0)
         if method.eval == "final" and t < n_tasks - 1:
             continue
         seen = [ex for ex, tt in zip(test, test_task) if tt is not None and tt <= t]
-        chosen = _seeded_subset(seen, method.test_per_task, seed + t)
+        chosen = subset(seen, method.test_per_task, seed + t)
         t0 = time.time()
         top1, hit, preds = _evaluate(clf, chosen, recall_k)
         seconds_eval.append(time.time() - t0)
@@ -221,7 +194,7 @@ def run_method(
         out["forgetting"] = None
     if method.joint:
         t0 = time.time()
-        joint = _build(method, lms)
+        joint = build_classifier(method.classifier, lms=lms, quiet=True)
         joint.fit(_joint_order(train, task_of))
         j_top1, _, _ = _evaluate(joint, final["examples"], recall_k)
         j_correct = np.array([p is not None and p in ex.labels for p, ex in zip(j_top1, final["examples"])])
@@ -249,7 +222,6 @@ def run_cil(
 ) -> dict[str, Any]:
     """Run every method (or those in ``only``), write ``metrics.json``, ``report.md`` and the plot."""
     from iclcls.data import class_incremental_tasks
-    from iclcls.experiment import load_splits
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,12 +271,7 @@ def write_outputs(metrics: dict[str, Any], out_dir: str | Path, *, config_path: 
 
 def plot_accuracy(results: dict[str, dict[str, Any]], path: Path, *, title: str) -> Path | None:
     """Accuracy on all classes seen so far against the task index, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.0))
     for r in results.values():
         acc = r["accuracy_per_task"]
         if r["eval"] == "all":
@@ -322,18 +289,12 @@ def plot_accuracy(results: dict[str, dict[str, Any]], path: Path, *, title: str)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def report_markdown(metrics: dict[str, Any], plot: str | None, config_path: str | None = None) -> str:
     """The run's report: one table of the CL metrics per method, accuracy after each task, the plot."""
-    from iclcls.report import fmt, markdown_table
-
     k = next(key for key in metrics if key.startswith("shortlist_recall_at_")).rsplit("_", 1)[1]
     lines = [
         f"# Class-incremental learning: {metrics['name']}",

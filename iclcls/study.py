@@ -10,7 +10,7 @@ A study config is an experiment config (``data:``, ``classifier:``, ``eval:``) p
       queries: 150          # optional: a seeded subset of the scored split
       deterministic: [dpp]  # optional: run once, reuse for every seed (std 0)
 
-Every grid point is one run of the eval harness (``iclcls.evaluate``: checkpointed
+Every grid point is one run of the experiment core (``iclcls.experiment``: checkpointed
 predictions, metrics, a per-run report) in ``OUT/runs/<point>``; the selector's ``seed`` is
 set to the point's seed when the selector takes one. Selectors without a ``seed`` option
 (kNN, class-balanced, DPP) give the same prompts for every seed, so they run once and
@@ -23,10 +23,8 @@ selector, shots and seed), ``OUT/summary.json``, ``OUT/report.md`` and
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +33,12 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from iclcls.config import ClassifierConfig, DataConfig, EvalConfig, EvalOptions, load_yaml, parse
+from iclcls.config import EvalConfig, apply_overrides, load_yaml, parse
+from iclcls.experiment import PARTIAL, Prepared, run_experiment
+from iclcls.experiment.report import markdown_table, pyplot, save_png
 from iclcls.io import atomic_write_json, atomic_write_text, read_json
 from iclcls.lm.base import BaseLM
+from iclcls.types import Example
 
 USAGE = "study_point.json"
 
@@ -70,18 +71,14 @@ class StudyOptions(BaseModel):
         return self
 
 
-class StudyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    data: DataConfig
-    classifier: ClassifierConfig = ClassifierConfig()
-    eval: EvalOptions = EvalOptions()
+class StudyConfig(EvalConfig):
+    """An experiment config plus the grid."""
+
     study: StudyOptions
 
 
 def load_study_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> tuple[StudyConfig, dict[str, Any]]:
     """The validated study config and its raw mapping (overrides applied; errors name file and field)."""
-    from iclcls.evaluate import apply_overrides
-
     raw = load_yaml(path)
     if overrides:
         raw = apply_overrides({k: v for k, v in raw.items() if k != "study"}, overrides) | (
@@ -210,11 +207,7 @@ class CountingLM(BaseLM):
 # -- running --------------------------------------------------------------------------------------------
 
 
-def _point_key(cfg: EvalConfig, opts: StudyOptions) -> str:
-    from iclcls.evaluate import config_hash
-
-    text = json.dumps([config_hash(cfg), opts.queries, opts.query_seed])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+USAGE_KEYS = ("calls", "requests", "prompt_tokens", "prefill_tokens", "examples")
 
 
 def run_point(
@@ -226,45 +219,24 @@ def run_point(
     force: bool = False,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """One run through the eval harness; returns its metrics plus usage per query."""
-    from iclcls.evaluate import (
-        CHECKPOINT,
-        PARTIAL,
-        PREDICTIONS,
-        ResumeError,
-        predict_with_checkpoint,
-        prepare,
-        read_predictions,
-        score_records,
-        write_run,
-    )
-    from iclcls.experiment import subset
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    key = _point_key(cfg, opts)
+    """One run of the experiment core on the study's query subset; returns its metrics plus LM usage
+    per query (kept in ``study_point.json``, chunk by chunk, so a resumed run counts on)."""
     usage_path = out_dir / USAGE
+    if force:
+        usage_path.unlink(missing_ok=True)
     saved = read_json(usage_path) if usage_path.is_file() else {}
-    if saved and saved.get("key") != key and not force:
-        raise ResumeError(
-            f"{out_dir} holds a run of a different study config (key {saved.get('key')}, now {key}): "
-            "re-run with --force to replace it, or choose another output directory"
-        )
-    if force or saved.get("key") != key:
-        saved = {}
-        for f in (PREDICTIONS, PARTIAL, CHECKPOINT, USAGE):
-            (out_dir / f).unlink(missing_ok=True)
-    if saved.get("finished") and (out_dir / PREDICTIONS).is_file():
-        records = read_predictions(out_dir / PREDICTIONS)
-        return {**score_records(records, ks=cfg.eval.ks), **_per_query(saved), **_demos(records)}
-    prep = prepare(cfg, config_key=key, lm_cache=lm_cache)
-    examples = subset(prep.examples, opts.queries, opts.query_seed)
-    lm = getattr(prep.classifier, "lm_", None)
-    counter = lm if isinstance(lm, CountingLM) else None
-    if counter is not None:
-        counter.reset()
-    base = {k: int(saved.get(k, 0)) for k in ("calls", "requests", "prompt_tokens", "prefill_tokens", "examples")}
-    state = {"key": key, "finished": False, **base}
-    t0 = time.time()
+    resuming = (out_dir / PARTIAL).exists()
+    base = {k: int(saved.get(k, 0)) if resuming else 0 for k in USAGE_KEYS}
+    state = {"finished": False, **base}
+    counter: CountingLM | None = None
+
+    def prepared(prep: Prepared, examples: list[Example]) -> dict[str, Any]:
+        nonlocal counter
+        lm = getattr(prep.classifier, "lm_", None)
+        counter = lm if isinstance(lm, CountingLM) else None
+        if counter is not None:
+            counter.reset()  # what fitting asked the LM is not the queries' cost
+        return {"study_queries": len(examples), "selector_info": _selector_info(prep.classifier)}
 
     def on_chunk(idx: list[int]) -> None:
         state["examples"] += len(idx)
@@ -273,17 +245,14 @@ def run_point(
                 state[k] = base[k] + v
         atomic_write_json(usage_path, state)
 
-    records, _ = predict_with_checkpoint(
-        prep.classifier, examples, out_dir=out_dir, config_key=key, chunk_size=cfg.eval.checkpoint_every,
-        force=force, on_chunk=on_chunk, show_progress=show_progress,
-    )
-    state["finished"] = True
-    atomic_write_json(usage_path, state)
-    metrics = score_records(records, ks=cfg.eval.ks)
-    info = {**prep.info, "predict_seconds_this_call": round(time.time() - t0, 2), "study_queries": len(examples),
-            "selector_info": _selector_info(prep.classifier)}
-    write_run(out_dir, cfg=cfg, records=records, metrics=metrics, info=info)
-    return {**metrics, **_per_query(state), **_demos(records)}
+    res = run_experiment(cfg, out_dir, queries=opts.queries, query_seed=opts.query_seed, force=force, on_chunk=on_chunk,
+                         on_prepared=prepared, lm_cache=lm_cache, show_progress=show_progress, what="study config")
+    if res.info.get("rescored_only"):
+        state = saved
+    else:
+        state["finished"] = True
+        atomic_write_json(usage_path, state)
+    return {**res.metrics, **_per_query(state), **_demos(res.records)}
 
 
 def _demos(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -320,8 +289,6 @@ class StudyResult:
 
 
 def _point_config(raw: Mapping[str, Any], overrides: Mapping[str, Any], source: str) -> EvalConfig:
-    from iclcls.evaluate import apply_overrides
-
     base = {k: v for k, v in raw.items() if k != "study"}
     return parse(EvalConfig, apply_overrides(base, overrides), source)
 
@@ -429,11 +396,9 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_study(summary: Sequence[Mapping[str, Any]], path: Path, *, reference: float | None = None) -> Path | None:
     """Accuracy (mean +- std over seeds) against shots, one line per selector."""
-    from iclcls.report import _plt, _save
-
     if not summary:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     selectors = list(dict.fromkeys(s["select"] for s in summary))
     for sel in selectors:
@@ -449,7 +414,7 @@ def plot_study(summary: Sequence[Mapping[str, Any]], path: Path, *, reference: f
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("accuracy against shots (mean ± std over seeds)", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _pct(mean: float, std: float, fixed: bool) -> str:
@@ -470,8 +435,6 @@ def study_report(
     reference: Mapping[str, Any] | None,
     command: str | None = None,
 ) -> Path:
-    from iclcls.report import markdown_table
-
     opts = cfg.study
     shots = sorted({s["shots"] for s in summary})
     selectors = list(dict.fromkeys(s["select"] for s in summary))

@@ -7,12 +7,37 @@ does not make the system worse than its retriever (up to validation/test drift).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from iclcls.rank.base import RANKERS, BaseRanker, RankContext, Ranking, sort_ranking, zscore
+
+
+def fuse(lm: Sequence[float], retriever: Sequence[float], w: float) -> np.ndarray:
+    """One query's fused scores: ``w * z(lm) + (1 - w) * z(retriever)``."""
+    return w * zscore(np.asarray(lm)) + (1.0 - w) * zscore(np.asarray(retriever))
+
+
+def fusion_accuracy(traces: Sequence[Mapping[str, Any]], gold: Sequence[Sequence[str]],
+                    weights: Sequence[float]) -> np.ndarray | None:
+    """Top-1 accuracy of the fused score at each weight, recomputed from fusion traces
+    (``lm_score`` and ``retriever_score`` per candidate), so no LM is called again; None when
+    there are no traces or one lacks either score. Ties go to the first candidate."""
+    traces = list(traces)
+    if not traces or not all("lm_score" in t and "retriever_score" in t for t in traces):
+        return None
+    w = np.asarray(weights, dtype=np.float64)[:, None]
+    hits = np.zeros(len(w))
+    for t, g in zip(traces, gold):
+        labels = [lab for lab in t["lm_score"] if lab in t["retriever_score"]]
+        if labels:
+            zl = zscore(np.array([t["lm_score"][lab] for lab in labels]))
+            zr = zscore(np.array([t["retriever_score"][lab] for lab in labels]))
+            best = np.argmax(w * zl + (1.0 - w) * zr, axis=1)
+            hits += [labels[b] in set(g) for b in best]
+    return hits / len(traces)
 
 
 @RANKERS.register("fusion")
@@ -29,10 +54,6 @@ class FusionRanker(BaseRanker):
         if getattr(self.inner_ranker_, "needs_lm", True) is False:
             raise ValueError("fusion mixes an LM ranker with the retriever; its inner ranker must use the LM")
 
-    @staticmethod
-    def fuse(labels: Sequence[str], lm: Sequence[float], retr: Sequence[float], w: float) -> np.ndarray:
-        return w * zscore(np.asarray(lm)) + (1.0 - w) * zscore(np.asarray(retr))
-
     def rank(self, ctx: RankContext) -> list[Ranking]:
         inner = self.inner_ranker_.rank(ctx)
         w = 0.5 if self.weight is None else float(self.weight)
@@ -42,27 +63,18 @@ class FusionRanker(BaseRanker):
             lm = [lm_score[lab] for lab in c.labels]
             trace = dict(r.trace)
             trace.update(ranker="fusion", weight=w, retriever_score=dict(zip(c.labels, np.round(c.scores, 5).tolist())))
-            out.append(sort_ranking(c.labels, self.fuse(c.labels, lm, c.scores, w), trace))
+            out.append(sort_ranking(c.labels, fuse(lm, c.scores, w), trace))
         return out
 
     def tune(self, traces: Sequence[dict[str, Any]], gold: Sequence[Sequence[str]]) -> dict[str, Any]:
         """Grid-search w in [0, 1] for validation accuracy (ties go to the smaller w: trust the retriever)."""
         weights = np.linspace(0.0, 1.0, self.grid)
-        acc = np.zeros(len(weights))
-        for tr, g in zip(traces, gold):
-            labels = list(tr["lm_score"])
-            lm = [tr["lm_score"][lab] for lab in labels]
-            retr = [tr["retriever_score"][lab] for lab in labels]
-            zl, zr = zscore(np.asarray(lm)), zscore(np.asarray(retr))
-            for j, w in enumerate(weights):
-                s = w * zl + (1 - w) * zr
-                acc[j] += labels[int(np.argmax(s))] in set(g)
+        acc = fusion_accuracy(traces, gold, weights)
+        acc = np.zeros(len(weights)) if acc is None else acc
         best = int(np.argmax(acc))  # first max = smallest weight
         self.weight = float(weights[best])
-        n = max(len(gold), 1)
-        return {"fusion_weight": self.weight, "validation_accuracy": float(acc[best] / n),
-                "validation_accuracy_retriever": float(acc[0] / n),
-                "validation_accuracy_lm": float(acc[-1] / n)}
+        return {"fusion_weight": self.weight, "validation_accuracy": float(acc[best]),
+                "validation_accuracy_retriever": float(acc[0]), "validation_accuracy_lm": float(acc[-1])}
 
     def tuned_state(self) -> dict[str, Any]:
         return {"weight": self.weight}
