@@ -174,6 +174,23 @@ def fit(
     console.print(f"saved to {out} ({len(clf.pool_)} pool examples, {len(clf.classes_)} labels; tuned: {clf.tuned_})")
 
 
+@app.command("compile")
+def compile_(
+    config: Path = typer.Argument(..., help="YAML with data: and classifier: {program: dspy_irera, dspy: {...}} (e.g. eval/configs/esco_tech_dspy.yaml)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for the compiled program (default: classifier.compiled)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="override data.data_dir"),
+) -> None:
+    """Compile Infer-Retrieve-Rank as a DSPy program on the validation split and save it
+    (DSPy JSON state + the retriever's state; no pickle)."""
+    from iclcls.dspy.compile import compile_from_config
+
+    try:
+        report = compile_from_config(config, out, data_dir=str(data_dir) if data_dir else None, log=lambda m: console.print(m, highlight=False))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(str(e))
+    console.print(f"best candidate scores: {report.get('candidates')}", highlight=False)
+
+
 @app.command("eval")
 def eval_(
     config: Path = typer.Argument(..., help="experiment YAML with data:, classifier: and eval: sections"),

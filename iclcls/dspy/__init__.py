@@ -1,0 +1,24 @@
+"""Infer-Retrieve-Rank as a compiled DSPy program on current DSPy (3.x), over iclcls's parts.
+
+``IReRa`` (with ``Infer``, ``Retrieve``, ``Rank``) is a ``dspy.Module``; ``dspy_lm`` serves
+it from any iclcls LM backend, ``served_lm`` from a vLLM server with guided JSON; the
+``compile`` module compiles, saves and loads it (DSPy JSON state, no pickle). Importing this
+package imports DSPy; ``import iclcls`` does not.
+"""
+
+from iclcls.dspy.lm import GuidedDecoder, IclclsEngine, dspy_lm, served_lm
+from iclcls.dspy.modules import Infer, IReRa, Rank, Retrieve, StepStats, as_dspy_examples, rp_at_k_metric
+
+__all__ = [
+    "GuidedDecoder",
+    "IReRa",
+    "IclclsEngine",
+    "Infer",
+    "Rank",
+    "Retrieve",
+    "StepStats",
+    "as_dspy_examples",
+    "dspy_lm",
+    "rp_at_k_metric",
+    "served_lm",
+]

@@ -1,0 +1,362 @@
+"""Infer-Retrieve-Rank (D'Oosterlinck et al. 2024) as DSPy modules over iclcls's parts.
+
+- ``Infer``: a Signature, text -> comma-separated label guesses (chain of thought optional).
+- ``Retrieve``: any fitted iclcls shortlister over the label space (label retriever with
+  priors, ECL, kNN vote) as a DSPy step: text + guesses -> candidate labels.
+- ``Rank``: text + candidates -> ranked labels. With ``constrain`` (default) the output
+  field's type is ``list[Literal[candidates]]`` for each call, so DSPy's JSON adapter asks
+  for a schema that only admits candidates (guided decoding: vLLM on the served path,
+  :class:`iclcls.dspy.lm.GuidedDecoder` on the embedded one). Written labels are mapped to
+  the label space (exact, then case-insensitive); what maps to nothing is dropped and
+  counted; retrieval order fills the rest.
+- ``IReRa``: the three composed as in the paper, each step with its own LM if given.
+
+Only the Predict parameters (instructions, demonstrations) are DSPy state; LMs and the
+retriever are runtime parts held in :class:`Shared` so DSPy's deep copies (optimizers copy
+programs many times) share them instead of copying a loaded model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import dspy
+import numpy as np
+
+from iclcls.infer.lm_guesses import LMGuesses
+from iclcls.types import Example, Query
+
+STEPS = ("infer", "retrieve", "rank")
+
+
+class Shared:
+    """A runtime reference DSPy must not deep-copy (a loaded LM, a fitted retriever)."""
+
+    def __init__(self, value: Any = None) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict) -> Shared:
+        return self
+
+    def __copy__(self) -> Shared:
+        return self
+
+
+class StepStats:
+    """Per-step counters: inputs, LM calls, outputs that parsed to no label, labels dropped."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with getattr(self, "_lock", threading.Lock()):
+            self.counts = {s: {"inputs": 0, "lm_calls": 0, "unparsed": 0, "dropped": 0} for s in STEPS}
+
+    def add(self, step: str, **values: int) -> None:
+        with self._lock:
+            for k, v in values.items():
+                self.counts[step][k] += int(v)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for step, c in self.counts.items():
+            n = c["inputs"]
+            out[step] = {
+                **c,
+                "lm_calls_per_input": c["lm_calls"] / n if n else 0.0,
+                "unparsed_share": c["unparsed"] / n if n else 0.0,
+            }
+        return out
+
+
+class _CountLMCalls(dspy.utils.callback.BaseCallback):
+    """Counts the LM calls made inside one step (retries and adapter fallbacks included)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.calls += 1
+
+
+def _run(predict: dspy.Module, lm: Any, stats: StepStats | None, step: str, **kwargs: Any) -> Any:
+    """One predictor call with the step's LM (or the configured one), counting LM calls.
+
+    A parse failure of DSPy's adapter returns None (counted as unparsed by the caller).
+    """
+    counter = _CountLMCalls()
+    ctx: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), counter]}
+    if lm is not None:
+        ctx["lm"] = lm
+    if dspy.settings.get("adapter") is None:
+        ctx["adapter"] = dspy.JSONAdapter()
+    try:
+        with dspy.context(**ctx):
+            return predict(**kwargs)
+    except dspy.utils.exceptions.AdapterParseError:
+        return None
+    finally:
+        if stats is not None:
+            stats.add(step, lm_calls=counter.calls)
+
+
+class InferSignature(dspy.Signature):
+    """Given a snippet of text, write the labels it mentions as a comma-separated list of short names."""
+
+    text: str = dspy.InputField()
+    guesses: str = dspy.OutputField(desc="comma-separated labels")
+
+
+class RankSignature(dspy.Signature):
+    """Given a snippet of text and candidate labels, pick the candidates the text mentions, most relevant first."""
+
+    text: str = dspy.InputField()
+    candidates: list[str] = dspy.InputField()
+    ranked_labels: list[str] = dspy.OutputField(desc="candidates the text mentions, most relevant first")
+
+
+class Infer(dspy.Module):
+    """text -> label guesses (a list of strings parsed from the LM's comma-separated answer)."""
+
+    def __init__(
+        self,
+        *,
+        instructions: str | None = None,
+        chain_of_thought: bool = False,
+        max_guesses: int = 8,
+        lm: Any = None,
+        stats: StepStats | None = None,
+    ) -> None:
+        super().__init__()
+        sig = InferSignature.with_instructions(instructions) if instructions else InferSignature
+        self.predict = dspy.ChainOfThought(sig) if chain_of_thought else dspy.Predict(sig)
+        self.max_guesses = max_guesses
+        self._lm = Shared(lm)
+        self._stats = Shared(stats)
+
+    def forward(self, text: str) -> dspy.Prediction:
+        stats = self._stats.value
+        out = _run(self.predict, self._lm.value, stats, "infer", text=text)
+        raw = getattr(out, "guesses", None) if out is not None else None
+        guesses = LMGuesses.parse(raw, self.max_guesses) if isinstance(raw, str) else []
+        if stats is not None:
+            stats.add("infer", inputs=1, unparsed=not guesses)
+        return dspy.Prediction(guesses=guesses, raw=raw)
+
+
+class Retrieve(dspy.Module):
+    """A fitted iclcls retriever (an ``ICLClassifier`` with ``rank='retriever'``) as a DSPy step.
+
+    Uses the classifier's embedder and shortlister: the query is the text's embedding plus
+    the guesses' embeddings (the label retriever takes the best cosine over all of them;
+    kNN vote and ECL use the text).
+    """
+
+    def __init__(self, retriever: Any, *, k: int = 50, stats: StepStats | None = None) -> None:
+        super().__init__()
+        if not hasattr(retriever, "shortlister_"):
+            raise ValueError("Retrieve needs a fitted iclcls classifier (call fit first)")
+        self._retriever = Shared(retriever)
+        self.k = k
+        self._stats = Shared(stats)
+
+    @property
+    def retriever(self) -> Any:
+        return self._retriever.value
+
+    def forward(self, text: str, guesses: Sequence[str] = ()) -> dspy.Prediction:
+        clf = self.retriever
+        guesses = [g for g in guesses if g.strip()]
+        vecs = clf.embedder_.encode([text, *guesses])
+        q = Query(Example(text), vecs[0], tuple(guesses), vecs[1:] if guesses else None)
+        cands = clf.shortlister_.shortlist([q], self.k)[0]
+        if self._stats.value is not None:
+            self._stats.value.add("retrieve", inputs=1)
+        return dspy.Prediction(candidates=list(cands.labels), scores=[float(s) for s in cands.scores])
+
+
+class Rank(dspy.Module):
+    """text + candidates -> ranked labels: the LM's picks (mapped to the label space), then retrieval order."""
+
+    def __init__(
+        self,
+        *,
+        labels: Sequence[str] = (),
+        instructions: str | None = None,
+        rank_k: int | None = None,
+        max_labels: int = 10,
+        constrain: bool = True,
+        chain_of_thought: bool = False,
+        lm: Any = None,
+        stats: StepStats | None = None,
+    ) -> None:
+        super().__init__()
+        sig = RankSignature.with_instructions(instructions) if instructions else RankSignature
+        self.predict = dspy.ChainOfThought(sig) if chain_of_thought else dspy.Predict(sig)
+        self.rank_k = rank_k
+        self.max_labels = max_labels
+        self.constrain = constrain
+        self._labels = Shared(_label_index(labels))
+        self._lm = Shared(lm)
+        self._stats = Shared(stats)
+
+    def set_labels(self, labels: Sequence[str]) -> None:
+        self._labels.value = _label_index(labels)
+
+    def _signature(self, shown: Sequence[str]) -> Any:
+        """The predictor's current signature (instructions may have been optimised) with the
+        output restricted to ``shown``: a JSON schema of at most ``max_labels`` candidates."""
+        from typing import Annotated
+
+        import pydantic
+
+        base = _signature_of(self.predict)
+        if not self.constrain or not shown:
+            return base
+        choice = Literal[tuple(dict.fromkeys(shown))]  # type: ignore[valid-type]
+        kind = Annotated[list[choice], pydantic.Field(max_length=self.max_labels)]  # type: ignore[valid-type]
+        return base.with_updated_fields("ranked_labels", type_=kind)
+
+    def map_labels(self, written: Any) -> tuple[list[str], int]:
+        """Written labels -> label-space labels (exact, then case-insensitive), and how many mapped to nothing."""
+        exact, lower = self._labels.value
+        if isinstance(written, str):
+            written = [p for p in written.split(",")]
+        out: list[str] = []
+        dropped = 0
+        for w in written or []:
+            w = str(w).strip().strip("\"'`.").strip()
+            if not w:
+                continue
+            lab = w if w in exact else lower.get(w.lower())
+            if lab is None:
+                dropped += 1
+            elif lab not in out:
+                out.append(lab)
+        return out, dropped
+
+    def forward(self, text: str, candidates: Sequence[str]) -> dspy.Prediction:
+        candidates = list(candidates)
+        shown = candidates[: self.rank_k] if self.rank_k else candidates
+        stats = self._stats.value
+        kwargs: dict[str, Any] = {"text": text, "candidates": shown}
+        predict = self.predict
+        if self.constrain and shown:
+            kwargs["signature"] = self._signature(shown)
+            if isinstance(predict, dspy.ChainOfThought):
+                predict = predict.predict  # ChainOfThought does not pass a signature through
+                kwargs["signature"] = kwargs["signature"].prepend(
+                    "reasoning", dspy.OutputField(desc="${reasoning}"), type_=str
+                )
+        out = _run(predict, self._lm.value, stats, "rank", **kwargs)
+        written = getattr(out, "ranked_labels", None) if out is not None else None
+        picked, dropped = self.map_labels(written)
+        picked = picked[: self.max_labels]
+        labels = picked + [c for c in candidates if c not in set(picked)]
+        if stats is not None:
+            stats.add("rank", inputs=1, unparsed=not picked, dropped=dropped)
+        return dspy.Prediction(ranking=labels, lm_labels=picked, dropped=dropped)
+
+
+def _signature_of(predict: Any) -> Any:
+    inner = getattr(predict, "predict", None)
+    if isinstance(predict, dspy.ChainOfThought) and inner is not None:
+        # the base signature without the reasoning field: forward() adds it back
+        sig = inner.signature
+        return sig.delete("reasoning") if "reasoning" in sig.output_fields else sig
+    return predict.signature
+
+
+def _label_index(labels: Sequence[str]) -> tuple[set[str], dict[str, str]]:
+    exact = set(labels)
+    lower: dict[str, str] = {}
+    for lab in labels:
+        lower.setdefault(lab.strip().lower(), lab)
+    return exact, lower
+
+
+class IReRa(dspy.Module):
+    """Infer -> Retrieve -> Rank. ``infer=None`` retrieves from the text alone; ``rank=None``
+    returns retrieval order. ``forward(text)`` returns ``ranking`` (labels, best first),
+    ``candidates`` and ``guesses``; ``stats`` counts LM calls and unparsed outputs per step."""
+
+    def __init__(
+        self,
+        retriever: Any,
+        *,
+        infer: Infer | None = None,
+        rank: Rank | None = None,
+        retrieve_k: int = 50,
+        infer_lm: Any = None,
+        rank_lm: Any = None,
+    ) -> None:
+        super().__init__()
+        self._stats = Shared(StepStats())
+        self.infer = infer
+        self.retrieve = Retrieve(retriever, k=retrieve_k, stats=self.stats)
+        self.rank = rank
+        for step in (infer, rank):
+            if step is not None:
+                step._stats.value = self.stats
+        if rank is not None and not rank._labels.value[0]:
+            rank.set_labels(list(retriever.pool_.labels))
+        self.set_lms(infer=infer_lm, rank=rank_lm)
+
+    @property
+    def stats(self) -> StepStats:
+        return self._stats.value
+
+    def set_lms(self, *, infer: Any = None, rank: Any = None) -> IReRa:
+        """Per-step LMs (``dspy.BaseLM``); None keeps the step's LM (or DSPy's configured one)."""
+        if infer is not None and self.infer is not None:
+            self.infer._lm.value = infer
+        if rank is not None and self.rank is not None:
+            self.rank._lm.value = rank
+        return self
+
+    def forward(self, text: str) -> dspy.Prediction:
+        guesses = self.infer(text=text).guesses if self.infer is not None else []
+        retrieved = self.retrieve(text=text, guesses=guesses)
+        if self.rank is not None:
+            ranked = self.rank(text=text, candidates=retrieved.candidates)
+            labels, lm_labels = ranked.ranking, ranked.lm_labels
+        else:
+            labels, lm_labels = list(retrieved.candidates), []
+        return dspy.Prediction(
+            ranking=labels,
+            lm_labels=lm_labels,
+            candidates=list(retrieved.candidates),
+            candidate_scores=retrieved.scores,
+            guesses=list(guesses),
+        )
+
+
+def as_dspy_examples(examples: Sequence[Example]) -> list[dspy.Example]:
+    """iclcls Examples -> DSPy Examples (input: text; ``gold``: the labels; not ``labels``,
+    which is a method of ``dspy.Example``). ``guesses`` holds the gold labels
+    comma-separated, so a labelled demonstration shows Infer the answer it should write."""
+    return [
+        dspy.Example(text=ex.text, gold=list(ex.labels), guesses=", ".join(ex.labels)).with_inputs("text")
+        for ex in examples
+    ]
+
+
+def rp_at_k_metric(k: int = 10):
+    """A DSPy metric: RP@k of one prediction (D'Oosterlinck et al.'s rank-precision)."""
+    from iclcls.metrics import rp_at_k
+
+    def metric(example: Any, pred: Any, trace: Any = None) -> float:
+        gold = list(example.gold)
+        return float(rp_at_k([gold], [list(pred.ranking)], k)) if gold else 0.0
+
+    metric.__name__ = f"rp_at_{k}"
+    return metric
+
+
+def scores_for(labels: Sequence[str]) -> np.ndarray:
+    """Descending scores for a ranked list (rank-based: 1, 1 - 1/n, ...)."""
+    n = len(labels)
+    return np.array([1.0 - i / max(n, 1) for i in range(n)], dtype=np.float64)
