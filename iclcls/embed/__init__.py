@@ -86,7 +86,7 @@ def get_embedder(
     """An embedder by spec, one instance per process.
 
     None/"default" (and the all-MiniLM-L6-v2 names, when the offline package is
-    installed) -> :func:`default_embedder`; otherwise any sentence-transformers Hub name
+    installed) -> :func:`default_embedder`; "mpnet" -> all-mpnet-base-v2 (opt-in install); otherwise any sentence-transformers Hub name
     or local folder.
     """
     if spec in _DEFAULT_ALIASES:
@@ -95,4 +95,8 @@ def get_embedder(
         except ImportError:
             if spec in (None, "default"):
                 raise
+    from iclcls.embed import mpnet
+
+    if spec in mpnet.ALIASES:  # the papers' embedder, installed opt-in (scripts/install_mpnet.sh)
+        return _maybe_cached(_st(str(mpnet.installed_path()), device, mpnet.NAME), cache, cache_dir)
     return _maybe_cached(_st(str(spec), device, None), cache, cache_dir)
