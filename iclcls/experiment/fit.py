@@ -101,7 +101,10 @@ def prepare(
     saved = read_json(tuned_path) if tuned_path is not None and Path(tuned_path).is_file() else {}
     saved = saved if saved.get("config_hash") == config_key else {}
     t0 = time.time()
-    clf.fit(splits.train, labels=splits.labels, validation=None if saved else (validation or None))
+    # A restored tuning is not redone; else validation when there is one, else cross-validation
+    # on the pool (fit's default), unless tuning is off.
+    mode = "none" if saved or not cfg.classifier.tune else ("validation" if validation else "auto")
+    clf.fit(splits.train, labels=splits.labels, validation=validation or None, tune=mode)
     if saved:
         clf.tuned_ = dict(saved.get("tuned", {}))
         if hasattr(clf.ranker_, "load_tuned_state"):
