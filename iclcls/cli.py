@@ -169,7 +169,8 @@ def fit(
         clf = build_classifier(cfg.classifier)
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(str(e))
-    clf.fit(splits.train, labels=splits.labels, validation=splits.validation if cfg.classifier.tune and splits.validation else None)
+    val = splits.validation if cfg.classifier.tune and splits.validation else None
+    clf.fit(splits.train, labels=splits.labels, validation=val, tune="auto" if cfg.classifier.tune else "none")
     clf.save(out)
     console.print(f"saved to {out} ({len(clf.pool_)} pool examples, {len(clf.classes_)} labels; tuned: {clf.tuned_})")
 
@@ -208,6 +209,7 @@ def eval_(
     import shlex
 
     from iclcls.config import EvalConfig, load_yaml, parse
+    from iclcls.errors import LMServerError
     from iclcls.evaluate import ResumeError, apply_overrides, parse_assignments, run_eval, run_sweep
 
     _EVAL_SHOW = ("accuracy", "micro_f1", "macro_f1", "rp@5", "rp@10", "r@10", "r@50")
@@ -244,6 +246,8 @@ def eval_(
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: finished examples are checkpointed; run the same command again to resume")
         raise typer.Exit(130)
+    except LMServerError as e:
+        _fail(f"the LM server failed: {e}\nfinished examples are checkpointed; run the same command again to resume")
     except (ResumeError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
         _fail(str(e))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items() if k in _EVAL_SHOW)

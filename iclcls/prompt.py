@@ -149,6 +149,8 @@ class PromptBuilder:
         if count_tokens is None or budget is None:
             return RenderedPrompt(text, 0, ids, trace)
         n = count_tokens(text)
+        if getattr(getattr(count_tokens, "__self__", None), "token_count_exact", True) is False:
+            trace["token_count"] = "approximate"  # the LM estimated tokens (e.g. chars/4): budget is a guess
         dropped = 0
         while n > budget and ids:
             # Drop several at once when far over budget; exact count is re-measured each time.

@@ -101,7 +101,6 @@ def tiny():
 
 
 def client(tiny: TinyServer, **kw) -> OpenAICompatibleLM:
-    kw.setdefault("backoff", 0.01)
     return OpenAICompatibleLM(tiny.url, "tiny", **kw)
 
 
@@ -137,7 +136,7 @@ def test_retries_a_503_then_succeeds(tiny):
 def test_gives_up_after_max_retries(tiny):
     tiny.fail_first = 100
     lm = client(tiny, max_retries=2)
-    with pytest.raises(ServerError, match="after 3 attempts: HTTP 503"):
+    with pytest.raises(ServerError, match=rf"{tiny.url}/v1/completions -> HTTP 503 after 3 attempts"):
         lm.generate(["Hello"])
     assert len(tiny.posts("/v1/completions")) == 3
 
@@ -146,7 +145,7 @@ def test_times_out_with_a_clear_error(tiny):
     tiny.delay = 1.0
     lm = client(tiny, timeout=0.2, max_retries=1)
     start = time.perf_counter()
-    with pytest.raises(ServerError, match="timed out"):
+    with pytest.raises(ServerError, match=rf"{tiny.url}/v1/completions: timed out after 0.2 s"):
         lm.generate(["Hello"])
     assert time.perf_counter() - start < 1.0  # did not wait for the slow answer
 
@@ -154,17 +153,42 @@ def test_times_out_with_a_clear_error(tiny):
 def test_unreachable_server_is_a_connection_error(tiny):
     url = tiny.url
     tiny.close()
-    lm = OpenAICompatibleLM(url, "tiny", max_retries=1, backoff=0.01, timeout=2)
-    with pytest.raises(ServerError, match="connection failed"):
+    lm = OpenAICompatibleLM(url, "tiny", max_retries=1, timeout=2)
+    with pytest.raises(ServerError, match=rf"{url}/v1/completions: connection failed"):
         lm.generate(["Hello"])
+    with pytest.raises(ServerError, match=rf"{url}/v1/models: connection failed"):
+        lm.context_window  # no silent 4,096
+    with pytest.raises(ServerError, match="connection failed"):
+        lm.is_vllm  # a failure is not "not vLLM"...
+    assert lm._structured is None  # ...and nothing was cached
 
 
-def test_sizes_fall_back_to_estimates_when_the_server_has_no_tokenizer(tiny):
-    lm = client(tiny, context_window=1234)
-    assert lm.context_window == 1234  # /v1/models has no max_model_len
+def test_sizes_never_fall_back_silently(tiny):
+    lm = client(tiny)
+    with pytest.raises(ServerError, match=r"/v1/models does not report a context window .* pass context_window="):
+        lm.context_window  # /v1/models has no max_model_len
+    assert client(tiny, context_window=1234).context_window == 1234
+    with pytest.raises(ServerError, match=r"/tokenize does not exist.*tokenizer=.*approximate_tokens=True"):
+        lm.count_tokens("abcdefgh")
     assert lm.token_count_exact
+
+
+def test_approximate_tokens_is_opt_in_and_recorded_in_the_trace(tiny):
+    from iclcls.prompt import PromptBuilder
+
+    lm = client(tiny, approximate_tokens=True, context_window=4096)
     assert lm.count_tokens("abcdefgh") == 2  # chars / 4
     assert not lm.token_count_exact
+    built = PromptBuilder().build("a query", [], [], ["x", "y"], count_tokens=lm.count_tokens, budget=100)
+    assert built.trace["token_count"] == "approximate"
+    assert len([r for r in tiny.requests if r[1] == "/tokenize"]) == 1  # a 404 is remembered: it is an answer
+
+
+def test_extra_body_reaches_the_server(tiny):
+    lm = client(tiny, extra_body={"top_k": 5, "repetition_penalty": 1.1})
+    lm.generate(["Hello"], max_tokens=2)
+    sent = tiny.posts("/v1/completions")[0]
+    assert sent["top_k"] == 5 and sent["repetition_penalty"] == 1.1 and sent["max_tokens"] == 2
 
 
 def test_chat_sends_images_as_data_urls_and_runs_concurrently(tiny, tmp_path):

@@ -1,106 +1,55 @@
 """An OpenAI-compatible HTTP server as an iclcls LM: ``vllm serve``, llama.cpp's server, hosted APIs.
 
+The transport is the ``openai`` SDK: per-request timeouts, retries with exponential
+backoff (and ``Retry-After``) on 408/409/429/5xx, timeouts and connection errors.
 ``generate`` uses ``/v1/completions``, ``chat`` uses ``/v1/chat/completions`` (images are
-sent as data URLs). Scoring needs a server that echoes prompt log-probs
-(``echo: true`` + ``logprobs``); vLLM does, most hosted chat APIs and llama.cpp do not, and
-then ``score_batch`` raises ``CapabilityError`` (rank generatively instead). Requests run
-concurrently from a thread pool and are retried with exponential backoff on 429, 5xx,
-timeouts and connection errors.
+sent as data URLs); vLLM's own options (structured outputs, ...) go in ``extra_body``.
+Scoring needs a server that echoes prompt log-probs (``echo`` + ``logprobs``); vLLM does,
+most hosted chat APIs and llama.cpp do not, and then ``score_batch`` raises
+``CapabilityError`` (rank generatively instead).
+
+Nothing fails quietly: every error names the server URL. The context window comes from
+the server (vLLM's ``max_model_len``) or from ``context_window=``, never from a guess;
+tokens are counted by the server's ``/tokenize`` or a local ``tokenizer=``, or, only when
+asked (``approximate_tokens=True``), estimated as chars/4, which each prompt's trace records.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
-import mimetypes
 import os
 import re
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from iclcls.errors import LMServerError
 from iclcls.lm.base import BaseLM, CapabilityError, Conversation, ScoreRequest, has_images
-from iclcls.lm.vllm_engine import _check_choices, choice_token_budget, continuation_start
+from iclcls.lm.common import (
+    check_choices,
+    choice_token_budget,
+    continuation_start,
+    image_to_url,
+    to_openai_messages,
+)
+
+__all__ = ["OpenAICompatibleLM", "ServerError", "image_to_url", "to_openai_messages"]
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-_MAGIC = [
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"GIF87a", "image/gif"),
-    (b"GIF89a", "image/gif"),
-    (b"BM", "image/bmp"),
-]
 
+class ServerError(LMServerError):
+    """The server answered with an error, or could not be reached after all retries; the
+    message names the URL."""
 
-class ServerError(RuntimeError):
-    """The server answered with an error, or could not be reached after all retries."""
-
-    def __init__(self, message: str, *, status: int | None = None, body: str = "") -> None:
+    def __init__(self, message: str, *, status: int | None = None, body: str = "", url: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.body = body
-
-
-# -- images and messages -----------------------------------------------------------------
-
-
-def _image_mime(data: bytes) -> str:
-    for magic, mime in _MAGIC:
-        if data.startswith(magic):
-            return mime
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    raise ValueError("image bytes are not PNG, JPEG, GIF, BMP or WebP")
-
-
-def image_to_url(image: str | Path | bytes) -> str:
-    """An image as a URL a chat API accepts: http(s)/data URLs pass through, files and bytes
-    become base64 ``data:`` URLs (the server needs no access to our files)."""
-    if isinstance(image, (bytes, bytearray)):
-        data = bytes(image)
-        return f"data:{_image_mime(data)};base64,{base64.b64encode(data).decode('ascii')}"
-    text = str(image)
-    if re.match(r"^(https?|data):", text):
-        return text
-    path = Path(text.removeprefix("file://"))
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    data = path.read_bytes()
-    mime = mimetypes.guess_type(path.name)[0]
-    if not mime or not mime.startswith("image/"):
-        mime = _image_mime(data)
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def to_openai_messages(conversation: Conversation) -> list[dict[str, Any]]:
-    """iclcls messages -> OpenAI chat messages (image parts become ``image_url`` parts)."""
-    out = []
-    for m in conversation:
-        content = m.get("content", "")
-        if isinstance(content, list):
-            parts = []
-            for p in content:
-                kind = p.get("type")
-                if kind == "image":
-                    parts.append({"type": "image_url", "image_url": {"url": image_to_url(p["image"])}})
-                elif kind == "image_url":
-                    url = p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"]
-                    parts.append({"type": "image_url", "image_url": {"url": image_to_url(url)}})
-                else:
-                    parts.append(p)
-            content = parts
-        out.append({**m, "content": content})
-    return out
-
-
-# -- the client ------------------------------------------------------------------------------
+        self.url = url
 
 
 def _api_base(base_url: str) -> str:
@@ -109,12 +58,25 @@ def _api_base(base_url: str) -> str:
     return base if re.search(r"/v\d+[a-z0-9]*(/openai)?$", base) else base + "/v1"
 
 
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    """A field of an SDK object or a plain dict (servers add fields the SDK does not model)."""
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    value = getattr(obj, key, None)
+    if value is None and getattr(obj, "model_extra", None):
+        value = obj.model_extra.get(key)
+    return default if value is None else value
+
+
 class OpenAICompatibleLM(BaseLM):
     """Client for any server that speaks the OpenAI completions/chat API.
 
     ``base_url`` is the server (``http://127.0.0.1:8000``) or its API root (``.../v1``).
-    ``structured_outputs=None`` detects vLLM (``/version``, ``owned_by``) to constrain
-    ``choices`` server-side; elsewhere ``choices`` are scored and the most likely returned.
+    ``timeout`` bounds each request (seconds); ``max_retries`` retries it with backoff.
+    ``context_window`` is required for servers that do not report ``max_model_len``.
+    ``structured_outputs=None`` detects vLLM (``/v1/models`` ``owned_by``, ``/version``) to
+    constrain ``choices`` server-side; elsewhere ``choices`` are scored. ``extra_body`` is
+    merged into every completions/chat request (server-specific options).
     """
 
     def __init__(
@@ -125,43 +87,46 @@ class OpenAICompatibleLM(BaseLM):
         api_key: str | None = None,
         timeout: float = 60.0,
         max_retries: int = 3,
-        backoff: float = 0.5,
         concurrency: int = 8,
         tokenizer: Any = None,
-        context_window: int = 4096,
+        context_window: int | None = None,
+        approximate_tokens: bool = False,
         structured_outputs: bool | None = None,
+        extra_body: dict[str, Any] | None = None,
         name: str | None = None,
     ) -> None:
-        import httpx
+        import openai
 
         self.base_url = base_url.rstrip("/")
         self.api_base = _api_base(base_url)
         self.root = re.sub(r"/v\d+[a-z0-9]*(/openai)?$", "", self.api_base)
         self.model = model
         self.name = "openai:" + (name or model)
-        self.max_retries = max_retries
-        self.backoff = backoff
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
         self.concurrency = max(1, concurrency)
         self.tokenizer = tokenizer
-        self._default_context = context_window
+        self.approximate_tokens = approximate_tokens
+        self.extra_body = dict(extra_body or {})
+        self._context_window = context_window
         self._structured = structured_outputs
         self._score_max_tokens = 0  # echo-only scoring; some servers need 1
-        self._models: list[dict[str, Any]] | None = None
-        self._can_tokenize: bool | None = None
-        self.token_count_exact = True  # False once count_tokens had to estimate
+        self._models: list[Any] | None = None
+        self._no_tokenize_endpoint = False  # set only when the server said 404/405
+        self.token_count_exact = True  # False once count_tokens estimated (approximate mode)
         self._lock = threading.Lock()
-        key = api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("ICLCLS_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(
-            timeout=timeout,
-            headers=headers,
-            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+        key = api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("ICLCLS_API_KEY") or "none"
+        self._client = openai.OpenAI(
+            base_url=self.api_base, api_key=key, timeout=self.timeout, max_retries=self.max_retries
         )
+        self._root_client = self._client.copy(base_url=self.root) if self.root != self.api_base else self._client
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def close(self) -> None:
         self._client.close()
+        if self._root_client is not self._client:
+            self._root_client.close()
 
     def __enter__(self) -> OpenAICompatibleLM:
         return self
@@ -169,44 +134,32 @@ class OpenAICompatibleLM(BaseLM):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- HTTP ------------------------------------------------------------------------------
+    # -- transport: every SDK error becomes a ServerError that names the URL --------------
 
-    def _request(self, method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One call with retries on 429/5xx/timeouts/connection errors; JSON back or ServerError."""
-        import httpx
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        import openai
 
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                resp = self._client.request(method, url, json=body)
-            except httpx.TimeoutException as e:
-                last = f"timed out after {self._client.timeout.read} s ({type(e).__name__})"
-                continue
-            except httpx.TransportError as e:
-                last = f"connection failed ({type(e).__name__}: {e})"
-                continue
-            if resp.status_code in RETRY_STATUS:
-                last = f"HTTP {resp.status_code}: {resp.text[:300]}"
-                retry_after = resp.headers.get("retry-after")
-                if retry_after and retry_after.replace(".", "", 1).isdigit() and attempt < self.max_retries:
-                    time.sleep(min(float(retry_after), 30.0))
-                continue
-            if resp.status_code >= 400:
-                raise ServerError(
-                    f"{method} {url} -> HTTP {resp.status_code}: {resp.text[:500]}",
-                    status=resp.status_code,
-                    body=resp.text,
-                )
-            try:
-                return resp.json()
-            except ValueError:
-                raise ServerError(f"{method} {url} answered non-JSON: {resp.text[:300]!r}") from None
-        raise ServerError(f"{method} {url} failed after {self.max_retries + 1} attempts: {last}")
-
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", self.api_base + path, body)
+        url = (self.root if what.startswith(("/tokenize", "/version")) else self.api_base) + what
+        tries = f"{self.max_retries + 1} attempt{'s' if self.max_retries else ''}"
+        try:
+            return fn()
+        except openai.APITimeoutError:
+            raise ServerError(
+                f"{url}: timed out after {self.timeout:g} s per request ({tries}); is the server at "
+                f"{self.base_url} overloaded or down? (raise timeout= for slow models)", url=url
+            ) from None
+        except openai.APIConnectionError as e:
+            cause = e.__cause__ or e
+            raise ServerError(
+                f"{url}: connection failed after {tries} ({type(cause).__name__}: {str(cause)[:200]}); "
+                f"is the server at {self.base_url} running?", url=url
+            ) from None
+        except openai.APIStatusError as e:
+            body = e.response.text if e.response is not None else ""
+            retried = f" after {tries}" if e.status_code in (408, 409, 429) or e.status_code >= 500 else ""
+            raise ServerError(
+                f"{url} -> HTTP {e.status_code}{retried}: {body[:500]}", status=e.status_code, body=body, url=url
+            ) from None
 
     def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         if len(items) <= 1 or self.concurrency == 1:
@@ -214,62 +167,96 @@ class OpenAICompatibleLM(BaseLM):
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
             return list(pool.map(fn, items))
 
+    def _completions(self, body: dict[str, Any]) -> Any:
+        extra = {**self.extra_body, **body.pop("extra_body", {})}
+        return self._call("/completions", lambda: self._client.completions.create(**body, extra_body=extra or None))
+
     # -- server facts ------------------------------------------------------------------------
 
-    def models(self) -> list[dict[str, Any]]:
-        """The server's ``/v1/models`` entries (cached)."""
+    def models(self) -> list[Any]:
+        """The server's ``/v1/models`` entries (cached once they were read)."""
         if self._models is None:
-            self._models = list(self._request("GET", self.api_base + "/models").get("data", []))
+            page = self._call("/models", lambda: self._client.models.list())
+            self._models = list(page.data)
         return self._models
 
-    def _model_entry(self) -> dict[str, Any] | None:
-        try:
-            entries = self.models()
-        except ServerError:
-            return None
-        return next((m for m in entries if m.get("id") == self.model), None)
+    def _model_entry(self) -> Any | None:
+        return next((m for m in self.models() if _get(m, "id") == self.model), None)
 
     @property
     def is_vllm(self) -> bool:
-        """Whether the server is vLLM (answers ``/version`` or lists models owned by vllm)."""
+        """Whether the server is vLLM (lists models owned by vllm, or answers ``/version``).
+
+        Only a definite answer is remembered: a failed request raises and is asked again next time.
+        """
         if self._structured is None:
             entry = self._model_entry()
-            found = bool(entry and entry.get("owned_by") == "vllm")
+            found = bool(entry is not None and _get(entry, "owned_by") == "vllm")
             if not found:
                 try:
-                    found = "version" in self._request("GET", self.root + "/version")
-                except ServerError:
+                    found = "version" in self._call(
+                        "/version", lambda: self._root_client.get("/version", cast_to=object)
+                    )
+                except ServerError as e:
+                    if e.status is None or e.status >= 500:  # no answer: do not conclude anything
+                        raise
                     found = False
             self._structured = found
         return self._structured
 
     @property
     def context_window(self) -> int:
-        entry = self._model_entry()
-        if entry and isinstance(entry.get("max_model_len"), int):
-            return int(entry["max_model_len"])
-        return self._default_context
+        """``context_window=`` if given, else the server's ``max_model_len`` for the model."""
+        if self._context_window is None:
+            try:
+                entry = self._model_entry()
+            except ServerError as e:
+                raise ServerError(
+                    f"{self.name}: cannot learn the context window from the server ({e}); pass "
+                    "context_window= to use this client without it", status=e.status, url=e.url
+                ) from None
+            value = _get(entry, "max_model_len") if entry is not None else None
+            if not isinstance(value, int):
+                raise ServerError(
+                    f"{self.api_base}/models does not report a context window (max_model_len) for "
+                    f"model {self.model!r}; pass context_window= (the model's maximum tokens)",
+                    url=self.api_base + "/models",
+                )
+            self._context_window = int(value)
+        return self._context_window
 
     def count_tokens(self, text: str) -> int:
-        """Exact via the server's ``/tokenize`` (vLLM) or a local tokenizer; else about chars/4
-        (``token_count_exact`` becomes False)."""
-        if self._can_tokenize is not False:
+        """Exact via the server's ``/tokenize`` (vLLM) or a local ``tokenizer``; chars/4 only
+        with ``approximate_tokens=True`` (``token_count_exact`` becomes False)."""
+        if not self._no_tokenize_endpoint:
             try:
-                out = self._request(
-                    "POST",
-                    self.root + "/tokenize",
-                    {"model": self.model, "prompt": text, "add_special_tokens": False},
+                out = self._call(
+                    "/tokenize",
+                    lambda: self._root_client.post(
+                        "/tokenize",
+                        body={"model": self.model, "prompt": text, "add_special_tokens": False},
+                        cast_to=object,
+                    ),
                 )
-                self._can_tokenize = True
                 return int(out["count"])
-            except (ServerError, KeyError, TypeError):
-                if self._can_tokenize:  # it worked before: a real error
+            except ServerError as e:
+                if e.status not in (404, 405):  # a real failure, not a missing endpoint
                     raise
-                self._can_tokenize = False
+                self._no_tokenize_endpoint = True
+            except (KeyError, TypeError, ValueError):
+                raise ServerError(f"{self.root}/tokenize answered without a token count", url=self.root + "/tokenize") from None
         if self.tokenizer is not None:
             return len(self.tokenizer.encode(text, add_special_tokens=False))
+        if not self.approximate_tokens:
+            raise ServerError(
+                f"{self.root}/tokenize does not exist, so {self.name} cannot count tokens: pass a local "
+                "tokenizer= (e.g. transformers.AutoTokenizer for the model) or approximate_tokens=True "
+                "to estimate chars/4 (recorded in each prompt's trace)",
+                status=404,
+                url=self.root + "/tokenize",
+            )
         if self.token_count_exact:
-            log.warning("%s: no /tokenize endpoint and no tokenizer; estimating tokens as chars/4", self.name)
+            log.warning("%s: estimating tokens as chars/4 (approximate_tokens=True)", self.name)
             self.token_count_exact = False
         return max(1, (len(text) + 3) // 4) if text else 0
 
@@ -297,15 +284,15 @@ class OpenAICompatibleLM(BaseLM):
         if stop:
             body["stop"] = list(stop)
         if choices is not None:
-            choices = _check_choices(choices)
+            choices = check_choices(choices)
             if not self.is_vllm:
                 return self._pick_by_score(prompts, choices)
-            body["structured_outputs"] = {"choice": choices}
+            body["extra_body"] = {"structured_outputs": {"choice": choices}}
             body["max_tokens"] = max(max_tokens, choice_token_budget(choices))
 
         def one(prompt: str) -> str:
-            out = self._post("/completions", {**body, "prompt": prompt})
-            return out["choices"][0]["text"]
+            out = self._completions({**body, "prompt": prompt})
+            return out.choices[0].text or ""
 
         return self._map(one, list(prompts))
 
@@ -342,8 +329,14 @@ class OpenAICompatibleLM(BaseLM):
             body["stop"] = list(stop)
 
         def one(conversation: Conversation) -> str:
+            messages = to_openai_messages(conversation)
             try:
-                out = self._post("/chat/completions", {**body, "messages": to_openai_messages(conversation)})
+                out = self._call(
+                    "/chat/completions",
+                    lambda: self._client.chat.completions.create(
+                        **body, messages=messages, extra_body=self.extra_body or None
+                    ),
+                )
             except ServerError as e:
                 if e.status is not None and 400 <= e.status < 500 and has_images(conversation):
                     raise CapabilityError(
@@ -351,7 +344,7 @@ class OpenAICompatibleLM(BaseLM):
                         f"multimodal?): {e}"
                     ) from e
                 raise
-            return out["choices"][0]["message"]["content"] or ""
+            return out.choices[0].message.content or ""
 
         return self._map(one, list(conversations))
 
@@ -378,41 +371,40 @@ class OpenAICompatibleLM(BaseLM):
             "temperature": 0.0,
         }
         try:
-            out = self._post("/completions", body)
+            out = self._completions(dict(body))
         except ServerError as e:
             if e.status == 400 and body["max_tokens"] == 0 and "max_tokens" in e.body:
                 with self._lock:
                     self._score_max_tokens = 1
-                out = self._post("/completions", {**body, "max_tokens": 1})
+                out = self._completions({**body, "max_tokens": 1})
             elif e.status is not None and 400 <= e.status < 500 and e.status != 404:
                 raise CapabilityError(self._no_scoring(f"the server refused echo + logprobs: {e}")) from e
             else:
                 raise
-        by_index = sorted(out.get("choices", []), key=lambda ch: ch.get("index", 0))
+        by_index = sorted(out.choices or [], key=lambda ch: _get(ch, "index", 0))
         if len(by_index) != len(texts):
             raise CapabilityError(
                 self._no_scoring(f"asked for {len(texts)} prompts' echoes, got {len(by_index)} choices")
             )
         return [
-            self._continuation_logprobs(ch.get("logprobs"), prompt, text, where=f"request {index}, continuation {c}")
+            self._continuation_logprobs(_get(ch, "logprobs"), prompt, text, where=f"request {index}, continuation {c}")
             for c, (ch, text) in enumerate(zip(by_index, texts))
         ]
 
     def _no_scoring(self, why: str) -> str:
         return (
-            f"{self.name} cannot score continuations: it does not return prompt log-probs with "
-            f"echo ({why}). Use a vLLM server, the in-process VLLMEngine or TransformersLM for "
-            "likelihood ranking, or rank generatively (rank: generative) with this server"
+            f"{self.name} at {self.api_base} cannot score continuations: it does not return prompt "
+            f"log-probs with echo ({why}). Use a vLLM server, the in-process VLLMEngine or "
+            "TransformersLM for likelihood ranking, or rank generatively (rank: generative) with this server"
         )
 
-    def _continuation_logprobs(
-        self, logprobs: dict[str, Any] | None, prompt: str, text: str, *, where: str
-    ) -> np.ndarray:
-        if not logprobs or not logprobs.get("token_logprobs") or not logprobs.get("text_offset"):
+    def _continuation_logprobs(self, logprobs: Any, prompt: str, text: str, *, where: str) -> np.ndarray:
+        values: list[float | None] = list(_get(logprobs, "token_logprobs", None) or []) if logprobs else []
+        raw_offsets = list(_get(logprobs, "text_offset", None) or []) if logprobs else []
+        if not values or not raw_offsets:
             raise CapabilityError(self._no_scoring("the response has no logprobs/text_offset"))
-        tokens: list[str] = logprobs.get("tokens") or []
-        values: list[float | None] = logprobs["token_logprobs"]
-        offsets: list[int] = [int(o) - int(logprobs["text_offset"][0]) for o in logprobs["text_offset"]]
+        tokens: list[str] = list(_get(logprobs, "tokens", None) or [])
+        offsets: list[int] = [int(o) - int(raw_offsets[0]) for o in raw_offsets]
         if len(tokens) != len(offsets):
             raise CapabilityError(self._no_scoring("tokens and text_offset differ in length"))
         # A leading special token (BOS) is echoed as text ("<s>") that the prompt lacks:
@@ -442,4 +434,3 @@ class OpenAICompatibleLM(BaseLM):
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleLM({self.api_base!r}, {self.model!r})"
-

@@ -26,26 +26,10 @@ from typing import Any
 import numpy as np
 
 from iclcls.lm.base import BaseLM, CapabilityError, Conversation, ScoreRequest, has_images
+from iclcls.lm.common import check_choices, choice_token_budget, continuation_start, to_openai_messages
+from iclcls.util import common_prefix_len
 
-Offsets = Sequence[tuple[int, int]]
-
-
-def continuation_start(offsets: Offsets, prompt_chars: int) -> int:
-    """Index of the first token of the continuation in ``prompt + continuation``.
-
-    A token belongs to the continuation when its character span ends after the prompt's
-    last character. So a token that straddles the boundary (prompt ``"Answer: "`` +
-    continuation ``"yes"`` tokenised as ``"Answer", ":", " yes"``) is scored as part of
-    the continuation: it carries the continuation's first characters, and dropping it
-    would score the label by its tail only. Zero-width tokens (special tokens such as BOS,
-    offset ``(0, 0)``) belong to the prompt. ``OpenAICompatibleLM`` applies the same rule to
-    the server's ``text_offset``s, so the two backends score the same tokens.
-    """
-    for i, (_, end) in enumerate(offsets):
-        if end > prompt_chars:
-            return i
-    return len(offsets)
-
+__all__ = ["VLLMEngine", "continuation_start", "prefix_order", "choice_token_budget"]
 
 def prefix_order(sequences: Sequence[Sequence[int]]) -> list[int]:
     """Indices of ``sequences`` sorted so that ones sharing a token prefix are adjacent."""
@@ -194,7 +178,7 @@ class VLLMEngine(BaseLM):
         if choices is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            choices = _check_choices(choices)
+            choices = check_choices(choices)
             max_tokens = max(max_tokens, choice_token_budget(choices))
             kw["structured_outputs"] = StructuredOutputsParams(choice=list(choices))
         params = self._sampling(
@@ -215,8 +199,6 @@ class VLLMEngine(BaseLM):
         """Reply to each conversation with the model's chat template (images if multimodal)."""
         if not conversations:
             return []
-        from iclcls.lm.openai_compat import to_openai_messages
-
         if not self.multimodal and any(has_images(c) for c in conversations):
             raise CapabilityError(
                 f"{self.name} is a text-only model and cannot read images; use a multimodal "
@@ -341,7 +323,7 @@ class VLLMEngine(BaseLM):
         groups: list[list[tuple[int, ...]]] = []
         used, prev = 0, ()
         for s in unique:
-            new = len(s) - _common_prefix(prev, s)
+            new = len(s) - common_prefix_len(prev, s)
             if not groups or (budget is not None and used + new > budget):
                 groups.append([])
                 used, new = 0, len(s)
@@ -383,26 +365,3 @@ class VLLMEngine(BaseLM):
                 "(fewer demonstrations) or raise max_model_len"
             )
         return ids, start
-
-
-def choice_token_budget(choices: Sequence[str]) -> int:
-    """Enough new tokens to finish any choice: constrained decoding may spell a choice in
-    more tokens than its usual tokenisation (down to one byte per token), plus EOS."""
-    return max(len(c.encode("utf-8")) for c in choices) + 1
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def _check_choices(choices: Sequence[str]) -> list[str]:
-    out = [str(c) for c in choices]
-    if not out:
-        raise ValueError("choices is empty: give at least one allowed answer")
-    if any(not c for c in out):
-        raise ValueError("choices contains an empty string")
-    return out

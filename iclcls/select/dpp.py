@@ -13,12 +13,14 @@ relevant next to the query, as kNN's default).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from iclcls.pool import Candidates, Pool, Query
+from iclcls.pool import Pool
+from iclcls.types import Candidates, Query
 from iclcls.select.base import SELECTORS, BaseSelector, order_by_similarity
 
 
@@ -130,8 +132,28 @@ class DPPSelector(BaseSelector):
             sims = qv[start : start + 64] @ vecs.T
             for row, cand in enumerate(candidates[start : start + 64]):
                 allowed = self.eligible(cand) if self.restrict_to_candidates else None
-                out.append(self.select_one(sims[row].astype(np.float64), allowed, k))
+                picked = self.select_one(sims[row].astype(np.float64), allowed, k)
+                if len(picked) < k:
+                    available = len(pool) if allowed is None else len(allowed)
+                    self._report_short(queries[start + row], k, len(picked), min(available, self.candidates))
+                out.append(picked)
         return out
+
+    def _report_short(self, query: Query, k: int, got: int, considered: int) -> None:
+        """Fewer than k demonstrations: say so once per selector, and in every query's trace."""
+        why = (
+            f"only {considered} candidate examples" if considered <= got
+            else "the DPP's marginal gain stopped being positive (near-duplicate candidates)"
+        )
+        query.trace["select_short"] = {"selector": "dpp", "asked": k, "got": got, "why": why}
+        if not getattr(self, "_warned_short", False):
+            self._warned_short = True
+            warnings.warn(
+                f"dpp selector returned {got} of {k} demonstrations for a query ({why}); further "
+                "shortfalls are recorded in each prediction's trace['select_short'] only",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return {}, {}
