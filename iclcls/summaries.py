@@ -17,8 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from iclcls.pool import Pool
-from iclcls.prompt import render
-from iclcls.shortlist.label_retriever import label_text
+from iclcls.prompt import label_text, render
 from iclcls.types import Example
 
 PRIMER = "They are all about"

@@ -1,8 +1,8 @@
 """Data: user files (CSV/TSV/JSONL/JSON/Parquet), Hugging Face datasets, named benchmarks,
 class-incremental splits, and the small hand-written sample.
 
-Importing this package does not import ``datasets`` (only ``load_examples`` and
-``load_hf_dataset`` do), so the named benchmarks and the sample load fast.
+Local files are read by ``tables.read_table`` (csv/json modules, pyarrow for Parquet);
+``datasets`` is imported only by ``load_hf_dataset`` (the Hub).
 """
 
 from iclcls.data import intents, goemotions, esco, sample  # noqa: F401, I001  (registers the benchmarks, in this order)
@@ -14,6 +14,17 @@ from iclcls.data.incremental import class_incremental_tasks, filter_by_labels
 
 BENCHMARKS: tuple[str, ...] = benchmark_names()
 
+
+def load_split(spec: str, *, split: str = "validation", label_field: str = "label") -> list:
+    """Examples named by a config string: ``benchmark:NAME`` (its ``split``) or a labelled data file."""
+    if spec.startswith("benchmark:"):
+        name = spec.split(":", 1)[1]
+        examples = list(load_benchmark(name).split(split))
+        if not examples:
+            raise DataError(f"benchmark {name!r} has no {split} split")
+        return examples
+    return load_examples(spec, label_field=label_field)
+
 __all__ = [
     "BENCHMARKS",
     "Benchmark",
@@ -24,5 +35,6 @@ __all__ = [
     "load_benchmark",
     "load_examples",
     "load_hf_dataset",
+    "load_split",
     "resolve_data_dir",
 ]

@@ -24,7 +24,7 @@ def goemotions_labels(root: Path) -> LabelSpace:
 
 
 def _split(root: Path, file: str, space: LabelSpace) -> list[Example]:
-    table = read_table(source(root, "goemotions", file), delimiter="\t", columns=("text", "ids", "comment_id"))
+    table = read_table(source(root, "goemotions", file), delimiter="\t", columns=("text", "ids", "comment_id"), quote=False)
     labels: list[list[str]] = []
     for i, cell in enumerate(table.column("ids")):
         names = []

@@ -17,6 +17,7 @@ import numpy as np
 
 from iclcls.embed.base import Embedder
 from iclcls.embed.sentence_transformers import check_texts
+from iclcls.util import cache_dir
 
 _DTYPE = np.dtype("<f4")
 DEFAULT_SIZE_LIMIT = 8 * 2**30  # 8 GiB, about 5.5 million 384-d rows
@@ -37,8 +38,6 @@ class _BytesOnlyDisk(diskcache.Disk):
 
 
 def default_cache_dir() -> Path:
-    from iclcls.lm.models import cache_dir
-
     return cache_dir() / "embeddings"
 
 

@@ -16,7 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from iclcls.lm.models import ModelSource, cache_dir, resolve_model
+from iclcls.lm.gguf import gguf_add_bos
+from iclcls.lm.models import ModelSource, resolve_model
+from iclcls.util import cache_dir
 
 MARKER = "iclcls_converted.json"
 
@@ -50,7 +52,7 @@ def gguf_to_hf_dir(source: ModelSource, *, out_dir: str | Path | None = None) ->
     try:
         start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        add_bos = _gguf_add_bos(gguf_path)
+        add_bos = gguf_add_bos(gguf_path)
         if add_bos and tokenizer.bos_token_id is not None:
             probe = tokenizer("a", add_special_tokens=True)["input_ids"]
             if probe[:1] != [tokenizer.bos_token_id]:
@@ -89,14 +91,6 @@ def gguf_to_hf_dir(source: ModelSource, *, out_dir: str | Path | None = None) ->
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _gguf_add_bos(path: Path) -> bool | None:
-    """The GGUF's ``tokenizer.ggml.add_bos_token`` flag (None when absent)."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
-    return bool(field.contents()) if field is not None else None
 
 
 def hf_dir_for(name_or_path: str) -> str:

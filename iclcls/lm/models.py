@@ -8,10 +8,11 @@ Users pass any Hugging Face model name or local directory instead; the code path
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+from iclcls.util import cache_dir  # also re-exported: it lived here
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,6 @@ class ModelSource:
     @property
     def gguf_path(self) -> Path | None:
         return Path(self.path) / self.gguf_file if self.gguf_file else None
-
-
-def cache_dir() -> Path:
-    """iclcls's own cache folder (converted models, embeddings, LM requests)."""
-    root = os.environ.get("ICLCLS_CACHE") or Path.home() / ".cache" / "iclcls"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _dist_file(dist: str, suffix: str) -> Path:

@@ -17,7 +17,7 @@ import numpy as np
 
 from iclcls.lm.base import reduce_logprobs
 from iclcls.rank.base import RANKERS, BaseRanker, RankContext, Ranking, log_softmax, sort_ranking
-from iclcls.select.base import query_rng
+from iclcls.util import common_prefix_len, query_rng
 
 
 @RANKERS.register("likelihood")
@@ -75,19 +75,11 @@ class LikelihoodRanker(BaseRanker):
         return out
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _fixed_text(ctx: RankContext, demos: list) -> str:
     """The text a prompt with ``demos`` has before any per-query content (cut at a line end)."""
     a = ctx.builder.render("\x00", demos, ["\x00"])
     b = ctx.builder.render("\x01", demos, ["\x01"])
-    n = _common_prefix(a, b)
+    n = common_prefix_len(a, b)
     return a[: a.rfind("\n", 0, n) + 1]
 
 

@@ -7,7 +7,6 @@ Selectors see the shortlist, so demonstrations can be restricted to candidate cl
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -63,12 +62,6 @@ def order_by_similarity(ids: Sequence[int], sims: Sequence[float], order: str) -
         raise ValueError(f"order must be 'ascending' or 'descending', got {order!r}")
     pairs = sorted(zip(sims, ids), key=lambda t: t[0], reverse=(order == "descending"))
     return [int(i) for _, i in pairs]
-
-
-def query_rng(seed: int, text: str) -> np.random.Generator:
-    """A generator that depends on the seed and the query only, not on batch order."""
-    h = hashlib.sha256(f"{seed}\0{text}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(h[:8], "little"))
 
 
 SELECTORS: Registry[Selector] = Registry("selector")

@@ -12,14 +12,16 @@ negative ``I`` (up-weighting them lowers the validation loss most: the helpful o
 top-R per class, and shows the same set to every query.
 
 Validation data (``validation``): ``"holdout"`` (default) holds out a seeded, stratified
-``holdout`` fraction of the pool (held-out examples are not demonstrations);
-``"benchmark:NAME"`` uses a named benchmark's validation split; any other string is a
-labelled data file; ``fit(pool, validation=examples)`` passes examples directly.
+``holdout`` fraction of the pool (held-out examples are not demonstrations); examples
+(loaded by the caller) are used as given; a config string (``"benchmark:NAME"``, a
+labelled data file) is read by ``iclcls.data.load_split``. A solve that does not converge
+warns (once per process) and is recorded in ``fit_info_["converged"]``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,6 +75,7 @@ class SoftmaxRegression:
 
         res = minimize(self.objective, w0, jac=True, hessp=hessp, method="Newton-CG",
                        options={"maxiter": max_iter, "xtol": 1e-10})
+        self.converged = bool(res.success)
         self.w = res.x.reshape(self.c, -1)
         self.p = _softmax(self.x @ self.w.T)
         self.grad_norm = float(np.linalg.norm(self.objective(res.x)[1]))
@@ -115,6 +118,16 @@ def influence_scores(
     return scores, {"cg_info": int(info), "cg_relative_residual": resid}
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """Warn the first time ``key`` comes up in this process (a study refits many times)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def stratified_holdout(labels: Sequence[str], fraction: float, seed: int) -> np.ndarray:
     """A seeded mask of held-out rows: ``fraction`` of each class, keeping >= 1 row for training."""
     rng = np.random.default_rng(seed)
@@ -142,7 +155,7 @@ class InfluenceSelector(BaseSelector):
     def __init__(
         self,
         *,
-        validation: str = "holdout",
+        validation: str | Sequence[Example] = "holdout",
         holdout: float = 0.2,
         validation_size: int | None = None,
         validation_label_field: str = "label",
@@ -159,7 +172,9 @@ class InfluenceSelector(BaseSelector):
         if per_class is not None and per_class < 1:
             raise ValueError(f"influence per_class must be >= 1, got {per_class}")
         order_by_similarity([], [], order)
-        self.validation = validation
+        # Examples given in memory are not part of the saved spec (it records "examples").
+        self._examples = None if isinstance(validation, str) else list(validation)
+        self.validation = validation if isinstance(validation, str) else "examples"
         self.holdout = holdout
         self.validation_size = validation_size
         self.validation_label_field = validation_label_field
@@ -169,20 +184,6 @@ class InfluenceSelector(BaseSelector):
         self.restrict_to_candidates = restrict_to_candidates
         self.seed = seed
 
-    def _validation_examples(self) -> list[Example]:
-        spec = self.validation
-        if spec.startswith("benchmark:"):
-            from iclcls.data import load_benchmark
-
-            examples = list(load_benchmark(spec.split(":", 1)[1]).validation)
-            if not examples:
-                raise ValueError(f"influence: benchmark {spec.split(':', 1)[1]!r} has no validation split")
-        else:
-            from iclcls.data import load_examples
-
-            examples = load_examples(spec, label_field=self.validation_label_field)
-        return examples
-
     def fit(self, pool: Pool, *, validation: Sequence[Example] | None = None) -> InfluenceSelector:
         """Fit the regression on the pool (minus any holdout), score every example, rank them."""
         self.pool_ = pool
@@ -190,14 +191,21 @@ class InfluenceSelector(BaseSelector):
         labels = [pool.examples[i].labels[0] for i in labelled]
         if len(set(labels)) < 2:
             raise ValueError("influence selection needs a pool with at least two classes")
+        if validation is None and self.validation == "examples":
+            if self._examples is None:
+                raise ValueError("influence: validation='examples' needs the examples: pass validation=[...] or fit(pool, validation=...)")
+            validation = self._examples
         if validation is None and self.validation == "holdout":
             held = stratified_holdout(labels, self.holdout, self.seed)
             train_rows, val_rows = labelled[~held], labelled[held]
             x_val_emb = pool.embeddings[val_rows]
             val_labels = [pool.examples[i].labels[0] for i in val_rows]
         else:
-            examples = list(validation) if validation is not None else self._validation_examples()
-            examples = [ex for ex in examples if ex.labels]
+            if validation is None:  # a config string: the data layer reads it
+                from iclcls.data import load_split
+
+                validation = load_split(self.validation, label_field=self.validation_label_field)
+            examples = [ex for ex in validation if ex.labels]
             if self.validation_size is not None and len(examples) > self.validation_size:
                 pick = np.random.default_rng(self.seed).choice(len(examples), self.validation_size, replace=False)
                 examples = [examples[i] for i in sorted(pick)]
@@ -216,11 +224,20 @@ class InfluenceSelector(BaseSelector):
         model = SoftmaxRegression(x, y, len(classes), l2=self.l2)
         model.fit()
         scores, info = influence_scores(model, x_val, y_val)
+        converged = model.converged and info["cg_info"] == 0
+        if not converged:
+            _warn_once(
+                "influence-solve",
+                f"influence: the solve did not converge (Newton-CG success={model.converged}, CG info="
+                f"{info['cg_info']}, residual {info['cg_relative_residual']:.2g}); scores are approximate. "
+                "Raise l2 to make the problem better conditioned."
+            )
         order = np.argsort(scores, kind="stable")  # most negative first: most helpful
         self.ranked_ = [int(train_rows[t]) for t in order]
         self.scores_ = {int(train_rows[t]): float(scores[t]) for t in order}
         self.fit_info_ = {
             **info,
+            "converged": converged,
             "train": int(len(train_rows)),
             "validation": int(len(keep)),
             "classes": len(classes),

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from iclcls.types import Candidates, Query
-from iclcls.select.base import SELECTORS, BaseSelector, query_rng
+from iclcls.select.base import SELECTORS, BaseSelector
+from iclcls.util import query_rng
 
 
 @SELECTORS.register("random")
