@@ -156,6 +156,7 @@ def _top1_share(preds: list[dict], label: str) -> float:
 
 
 # -- the service end to end -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_classify_add_a_class_live_and_classify_with_it(serve, banking):
     train, test = banking
     srv = serve("--batch-wait-ms", "50")
@@ -196,6 +197,7 @@ def test_classify_add_a_class_live_and_classify_with_it(serve, banking):
     assert requests > calls, "no two concurrent requests shared a classifier call"
 
 
+@pytest.mark.slow
 def test_page_docs_and_errors(serve):
     srv = serve("--max-texts", "4", "--max-text-chars", "200", "--max-examples", "5", "--max-body-bytes", "20000")
     page = httpx.get(srv.url + "/")
@@ -241,6 +243,7 @@ def test_page_docs_and_errors(serve):
     assert _classes(srv) == {c: PER_CLASS for c in BASE}  # nothing refused was added
 
 
+@pytest.mark.slow
 def test_api_key(serve):
     srv = serve("--api-key-env", "ICLCLS_TEST_KEY", env={"ICLCLS_TEST_KEY": "s3cret-key"})
     body = {"texts": ["where is my card"]}
@@ -259,6 +262,7 @@ def test_api_key(serve):
     assert httpx.get(srv.url + "/").status_code == 200
 
 
+@pytest.mark.slow
 def test_refuses_non_loopback_bind_without_a_key(base_state):
     cmd = [sys.executable, "-m", "iclcls.cli", "serve", "--state", str(base_state), "--port", str(_free_port())]
     r = subprocess.run(cmd + ["--host", "0.0.0.0"], capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -270,6 +274,7 @@ def test_refuses_non_loopback_bind_without_a_key(base_state):
 
 
 # -- durability -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kill9_after_acknowledged_additions_then_restart(serve, banking):
     train, test = banking
     srv = serve("--snapshot-every", "2")
@@ -288,6 +293,7 @@ def test_kill9_after_acknowledged_additions_then_restart(serve, banking):
     assert "(0 replayed)" in third.log_text()
 
 
+@pytest.mark.slow
 def test_kill9_in_the_middle_of_an_addition(serve, banking):
     """Killed after the log record is written and while it is applied: all of it comes back.
     A torn last log line (a crash inside the write) is dropped: none of it comes back."""
