@@ -97,6 +97,8 @@ def _read_delimited(path: Path, sep: str, columns: Sequence[str] | None, quote: 
     rows: list[list[str]] = []
     lines: list[int] = []
     header: list[str] | None = list(columns) if columns is not None else None
+    if csv.field_size_limit() < 2**31 - 1:
+        csv.field_size_limit(2**31 - 1)  # the default 128 KiB rejects long documents in a cell
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=sep, quoting=csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE)
         prev_end = 0
@@ -137,7 +139,8 @@ def _read_json(path: Path, fmt: Format, json_field: str | None) -> Table:
                 raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", path=path, location=f"line {e.lineno}") from None
     if records is None:  # JSON Lines
         records, lines = [], []
-        for n, line in enumerate(text.splitlines(), start=1):
+        # "\n" only: str.splitlines() also breaks at U+2028, U+0085, \x1c-\x1e, which JSON strings may hold raw.
+        for n, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
