@@ -3,13 +3,15 @@
 Batched by design: ``generate``/``chat`` take lists, ``score_batch`` takes many
 (prompt, continuations) requests. ``BaseLM`` derives the convenience methods
 (``score``, ``score_tokens``) from ``score_batch`` so a backend implements one method.
+The signature is declared once, by the ``BaseLM`` ABC; ``LM`` is its name in annotations
+and ``isinstance`` checks (every backend subclasses it).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
@@ -22,41 +24,6 @@ ScoreRequest = tuple[str, Sequence[str]]
 
 class CapabilityError(RuntimeError):
     """A backend cannot do what was asked (e.g. images on a text-only model, no prompt logprobs)."""
-
-
-@runtime_checkable
-class LM(Protocol):
-    name: str
-
-    @property
-    def context_window(self) -> int: ...
-
-    def count_tokens(self, text: str) -> int: ...
-
-    def generate(
-        self,
-        prompts: Sequence[str],
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        stop: Sequence[str] | None = None,
-        seed: int = 0,
-        choices: Sequence[str] | None = None,
-    ) -> list[str]: ...
-
-    def chat(
-        self,
-        conversations: Sequence[Conversation],
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        stop: Sequence[str] | None = None,
-        seed: int = 0,
-    ) -> list[str]: ...
-
-    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[list[np.ndarray]]: ...
-
-    def score(self, prompt: str, continuations: Sequence[str], *, reduce: str = "sum") -> list[float]: ...
 
 
 class BaseLM(ABC):
@@ -112,6 +79,9 @@ class BaseLM(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+LM = BaseLM
 
 
 def reduce_logprobs(tokens: np.ndarray, reduce: str = "sum") -> float:
