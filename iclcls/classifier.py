@@ -210,12 +210,15 @@ class ICLClassifier(BaseEstimator):
         shortlister = _build(self.shortlist, SHORTLISTERS)
         if getattr(shortlister, "input", "text") == "tags" and self.inferrer_ is None:
             raise ValueError("the shortlister's input='tags' needs an Infer stage that writes tags: set infer='tags'")
-        needs_lm = getattr(self.ranker_, "needs_lm", True) or self.inferrer_ is not None
+        self.selector_ = _build(self.select, SELECTORS) if self.select is not None else None
+        # A selector that trains with the LM (ceil) uses the classifier's; a saved state does not retrain.
+        select_needs_lm = selector_state is None and getattr(self.selector_, "needs_lm", False)
+        needs_lm = getattr(self.ranker_, "needs_lm", True) or self.inferrer_ is not None or select_needs_lm
         self.lm_ = get_lm(self.lm) if needs_lm else None
         if needs_lm and self.lm_ is None:
             raise ValueError(
-                f"rank={self.rank!r}{' and infer' if self.inferrer_ else ''} need an LM: pass lm= "
-                "(e.g. 'smollm2'), or use rank='retriever' for the retriever alone"
+                f"rank={self.rank!r}{' and infer' if self.inferrer_ else ''}{' and select' if select_needs_lm else ''}"
+                " need an LM: pass lm= (e.g. 'smollm2'), or use rank='retriever' for the retriever alone"
             )
         if examples:
             self.pool_.extend(self._with_tags(examples, shortlister))
@@ -224,15 +227,14 @@ class ICLClassifier(BaseEstimator):
             self.shortlister_ = shortlister
         else:
             self.shortlister_ = shortlister.fit(self.pool_)
-        self.selector_ = _build(self.select, SELECTORS) if self.select is not None else None
+        if self.lm_ is not None and hasattr(self.selector_, "bind_lm"):
+            self.selector_.bind_lm(self.lm_)  # many-shot sizes its demonstrations to the context; ceil trains
         if self.selector_ is not None:
             # A saved selector state replaces fitting (a trained selector is not retrained on load).
             if selector_state is not None and hasattr(self.selector_, "load_state_dict"):
                 self.selector_.load_state_dict(self.pool_, *selector_state)
             else:
                 self.selector_ = self.selector_.fit(self.pool_)
-        if self.lm_ is not None and hasattr(self.selector_, "bind_lm"):
-            self.selector_.bind_lm(self.lm_)  # e.g. many-shot sizes its demonstrations to the context
         if not hasattr(self, "summaries_"):
             self.summaries_: dict[str, str] = {}
         self.builder_.summaries = self.summaries_

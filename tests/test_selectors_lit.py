@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from iclcls import Example, ICLClassifier
+from iclcls.data import load_examples
 from iclcls.experiment import subset
 from iclcls.pool import Pool
 from iclcls.types import Candidates, Query
@@ -177,10 +178,24 @@ def test_influence_selector_reads_validation_from_a_benchmark_and_a_file(pool, d
     a = get_selector("influence", validation="benchmark:banking77_10shot", validation_size=300).fit(pool)
     assert a.fit_info_["train"] == len(pool) and a.fit_info_["validation"] == 300
     path = data_dir / "dialoglue_splits" / "banking" / "val.csv"
-    b = get_selector("influence", validation=str(path), validation_label_field="category", validation_size=300).fit(pool)
-    assert b.ranked_ == a.ranked_
+    # The caller loads a file; the selector takes the examples.
+    b = get_selector("influence", validation=load_examples(path, label_field="category"), validation_size=300).fit(pool)
+    assert b.ranked_ == a.ranked_ and b.fit_info_["converged"]
     with pytest.raises(Exception, match="category|label"):
         get_selector("influence", validation=str(path)).fit(pool)  # the file has no 'label' column
+
+
+def test_influence_solve_that_does_not_converge_warns_once_and_is_recorded(pool, monkeypatch):
+    from iclcls.select import influence as mod
+
+    fit = mod.SoftmaxRegression.fit
+    monkeypatch.setattr(mod.SoftmaxRegression, "fit", lambda self: fit(self, max_iter=1))
+    monkeypatch.setattr(mod, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="did not converge") as caught:
+        a = get_selector("influence", seed=1).fit(pool)
+        b = get_selector("influence", seed=2).fit(pool)
+    assert len([w for w in caught if "did not converge" in str(w.message)]) == 1
+    assert a.fit_info_["converged"] is False and b.fit_info_["converged"] is False
 
 
 def test_influence_state_round_trips_through_the_classifier_without_refitting(banking, embedder, tmp_path):
@@ -274,8 +289,9 @@ def test_many_shot_prompts_share_a_prefix_that_the_lm_reuses(banking, embedder, 
 
 @pytest.mark.slow
 def test_ceil_trains_an_adapter_from_lm_scored_sets_and_saves_it(banking, embedder, smollm, tmp_path):
-    sel = get_selector("ceil", lm=smollm, train_queries=6, subsets=4, subset_size=2, neighbours=8, epochs=4, lr=5e-3)
-    clf = ICLClassifier(embedder=embedder, select=sel, rank="retriever").fit(banking.train)
+    sel = get_selector("ceil", train_queries=6, subsets=4, subset_size=2, neighbours=8, epochs=4, lr=5e-3)
+    # The selector trains with the classifier's LM (the retriever ranker alone needs none).
+    clf = ICLClassifier(embedder=embedder, lm=smollm, select=sel, rank="retriever").fit(banking.train, tune="none")
     stats = clf.selector_.train_stats_
     assert stats["train_queries"] == 6 and stats["subsets"] == 4
     assert stats["loss_last_epoch"] <= stats["loss_first_epoch"]

@@ -88,7 +88,6 @@ class CEILSelector(DPPSelector):
         order: str = "ascending",
         restrict_to_candidates: bool = True,
         min_gain: float = 1e-9,
-        lm: Any = "smollm2",
         train: bool = True,
         train_queries: int = 200,
         subsets: int = 8,
@@ -114,10 +113,7 @@ class CEILSelector(DPPSelector):
             raise ValueError("ceil needs subsets >= 2: the loss compares sets")
         if neighbours < subset_size:
             raise ValueError(f"ceil neighbours ({neighbours}) must be >= subset_size ({subset_size})")
-        # The saved spec keeps the LM's name only (state loads without the LM); an LM object
-        # passed here is used for training.
-        self.lm = lm if isinstance(lm, str) or lm is None else getattr(lm, "name", type(lm).__name__)
-        self._lm_object = None if isinstance(lm, str) or lm is None else lm
+        self.lm_: Any = None  # the classifier's LM, bound before fit (see bind_lm)
         self.train = train
         self.train_queries = train_queries
         self.subsets = subsets
@@ -131,6 +127,15 @@ class CEILSelector(DPPSelector):
         self.seed = seed
         self.prompt = prompt
         self.show_progress = show_progress
+
+    @property
+    def needs_lm(self) -> bool:
+        """Training scores demonstration sets with the LM; a saved adapter loads without one."""
+        return self.train
+
+    def bind_lm(self, lm: Any) -> None:
+        """The LM that scores the training sets: the classifier's own (bound by it before fit)."""
+        self.lm_ = lm
 
     # -- the trained space -------------------------------------------------------------
     def pool_vectors(self) -> np.ndarray:
@@ -174,7 +179,6 @@ class CEILSelector(DPPSelector):
 
     def score_subsets(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Training data: query positions [Q], sets of pool positions [Q, m, k], LM scores [Q, m]."""
-        from iclcls.lm import get_lm
         from iclcls.prompt import PromptBuilder
 
         rng = np.random.default_rng(self.seed)
@@ -206,9 +210,9 @@ class CEILSelector(DPPSelector):
             sets.append(chosen)
         if not queries:
             raise ValueError("ceil: the pool is too small to build training sets; lower subset_size or neighbours")
-        lm = self._lm_object if self._lm_object is not None else get_lm(self.lm)
+        lm = self.lm_
         if lm is None:
-            raise ValueError("ceil training needs an LM: pass lm= (e.g. 'smollm2') or train=False")
+            raise ValueError("ceil training needs an LM: give the classifier lm= (e.g. 'smollm2'), or train=False")
         builder = PromptBuilder(**(self.prompt or {}))
         requests = []
         for qi, chosen in zip(queries, sets):
