@@ -14,6 +14,7 @@ validation data.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,22 +77,18 @@ def _dialoglue(name: str, folder: str, train_file: str, space: LabelSpace, root:
     )
 
 
-@register("banking77_dialoglue")
-def banking77_dialoglue(root: Path) -> Benchmark:
-    """DialoGLUE split of BANKING77: 8,622 / 1,540 / 3,080."""
-    return _dialoglue("banking77_dialoglue", "banking", "train.csv", banking_labels(root), root)
+def _register_dialoglue(name: str, folder: str, labels: Callable[[Path], LabelSpace]) -> None:
+    """``NAME_dialoglue`` (DialoGLUE's train), ``NAME_10shot`` and ``NAME_5shot`` (10 or 5 examples
+    per class as train); all with DialoGLUE's validation and test."""
+    for variant, train_file in (("dialoglue", "train.csv"), ("10shot", "train_10.csv"), ("5shot", "train_5.csv")):
+        def load(root: Path, n: str = f"{name}_{variant}", f: str = train_file) -> Benchmark:
+            return _dialoglue(n, folder, f, labels(root), root)
+
+        register(f"{name}_{variant}")(load)
 
 
-@register("banking77_10shot")
-def banking77_10shot(root: Path) -> Benchmark:
-    """DialoGLUE 10 examples per class (770) as train; DialoGLUE validation and test."""
-    return _dialoglue("banking77_10shot", "banking", "train_10.csv", banking_labels(root), root)
-
-
-@register("banking77_5shot")
-def banking77_5shot(root: Path) -> Benchmark:
-    """DialoGLUE 5 examples per class (385) as train; DialoGLUE validation and test."""
-    return _dialoglue("banking77_5shot", "banking", "train_5.csv", banking_labels(root), root)
+# DialoGLUE BANKING77: 8,622 / 1,540 / 3,080; 10-shot train 770, 5-shot 385.
+_register_dialoglue("banking77", "banking", banking_labels)
 
 
 # ---- CLINC150 ----------------------------------------------------------------------
@@ -159,22 +156,8 @@ def clinc150_oos(root: Path) -> Benchmark:
     return _clinc("clinc150_oos", root, oos=True)
 
 
-@register("clinc150_dialoglue")
-def clinc150_dialoglue(root: Path) -> Benchmark:
-    """DialoGLUE split of CLINC150 (in-scope): 15,000 / 3,000 / 4,500."""
-    return _dialoglue("clinc150_dialoglue", "clinc", "train.csv", clinc_labels(root), root)
-
-
-@register("clinc150_10shot")
-def clinc150_10shot(root: Path) -> Benchmark:
-    """DialoGLUE 10 examples per class (1,500) as train; DialoGLUE validation and test."""
-    return _dialoglue("clinc150_10shot", "clinc", "train_10.csv", clinc_labels(root), root)
-
-
-@register("clinc150_5shot")
-def clinc150_5shot(root: Path) -> Benchmark:
-    """DialoGLUE 5 examples per class (750) as train; DialoGLUE validation and test."""
-    return _dialoglue("clinc150_5shot", "clinc", "train_5.csv", clinc_labels(root), root)
+# DialoGLUE CLINC150 (in-scope): 15,000 / 3,000 / 4,500; 10-shot train 1,500, 5-shot 750.
+_register_dialoglue("clinc150", "clinc", clinc_labels)
 
 
 # ---- KLDA continual-learning splits ------------------------------------------------

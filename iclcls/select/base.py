@@ -64,4 +64,24 @@ def order_by_similarity(ids: Sequence[int], sims: Sequence[float], order: str) -
     return [int(i) for _, i in pairs]
 
 
+def saved_ids(pool: Pool, positions: Sequence[int]) -> list[str] | None:
+    """Example ids of pool positions (a state that survives a reordered pool); None if any has no id."""
+    ids = [pool.examples[i].id for i in positions]
+    return ids if all(x is not None for x in ids) else None
+
+
+def restore_positions(pool: Pool, ids: Sequence[str] | None, positions: Sequence[int], what: str) -> list[int]:
+    """Pool positions from a saved state: by example id when the state has ids, else the positions, checked."""
+    if ids is not None:
+        by_id = {ex.id: i for i, ex in enumerate(pool.examples) if ex.id is not None}
+        missing = [x for x in ids if x not in by_id]
+        if missing:
+            raise ValueError(f"{what} state names {len(missing)} example ids not in the pool, e.g. {missing[0]!r}")
+        return [by_id[x] for x in ids]
+    positions = [int(i) for i in positions]
+    if any(i >= len(pool) for i in positions):
+        raise ValueError(f"{what} state refers to pool positions beyond the pool's size")
+    return positions
+
+
 SELECTORS: Registry[Selector] = Registry("selector")

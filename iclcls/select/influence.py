@@ -30,7 +30,7 @@ from scipy.optimize import minimize
 from scipy.sparse.linalg import LinearOperator, cg
 
 from iclcls.pool import Pool
-from iclcls.select.base import SELECTORS, BaseSelector, order_by_similarity
+from iclcls.select.base import SELECTORS, BaseSelector, order_by_similarity, restore_positions, saved_ids
 from iclcls.types import Candidates, Example, Query
 
 
@@ -283,8 +283,7 @@ class InfluenceSelector(BaseSelector):
 
     # -- persistence: the ranking as example ids (or positions) and scores ------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        ids = [self.pool_.examples[i].id for i in self.ranked_]
-        meta = {"fit_info": self.fit_info_, "ranked_ids": ids if all(x is not None for x in ids) else None}
+        meta = {"fit_info": self.fit_info_, "ranked_ids": saved_ids(self.pool_, self.ranked_)}
         return meta, {
             "ranked": np.array(self.ranked_, dtype=np.int64),
             "scores": np.array([self.scores_[i] for i in self.ranked_], dtype=np.float64),
@@ -292,16 +291,7 @@ class InfluenceSelector(BaseSelector):
 
     def load_state_dict(self, pool: Pool, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.pool_ = pool
-        ranked = [int(i) for i in arrays["ranked"]]
-        ids = meta.get("ranked_ids")
-        if ids is not None:
-            by_id = {ex.id: i for i, ex in enumerate(pool.examples) if ex.id is not None}
-            missing = [x for x in ids if x not in by_id]
-            if missing:
-                raise ValueError(f"influence state names {len(missing)} example ids not in the pool, e.g. {missing[0]!r}")
-            ranked = [by_id[x] for x in ids]
-        elif any(i >= len(pool) for i in ranked):
-            raise ValueError("influence state refers to pool positions beyond the pool's size")
+        ranked = restore_positions(pool, meta.get("ranked_ids"), arrays["ranked"], "influence")
         self.ranked_ = ranked
         self.scores_ = {i: float(s) for i, s in zip(ranked, arrays["scores"])}
         self.fit_info_ = dict(meta.get("fit_info", {}))

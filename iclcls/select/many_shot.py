@@ -23,7 +23,7 @@ import numpy as np
 
 from iclcls.pool import Pool
 from iclcls.types import Candidates, Query
-from iclcls.select.base import SELECTORS, BaseSelector
+from iclcls.select.base import SELECTORS, BaseSelector, restore_positions, saved_ids
 
 ORDERS = ("random", "class_balanced")
 
@@ -121,23 +121,9 @@ class ManyShotSelector(BaseSelector):
         return [list(ids) for _ in queries]
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        ids = [self.pool_.examples[i].id for i in self.order_]
-        return {"order_ids": ids if all(x is not None for x in ids) else None}, {
-            "order": np.array(self.order_, dtype=np.int64)
-        }
+        return {"order_ids": saved_ids(self.pool_, self.order_)}, {"order": np.array(self.order_, dtype=np.int64)}
 
     def load_state_dict(self, pool: Pool, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.pool_ = pool
         self._lengths = {}
-        ids = meta.get("order_ids")
-        if ids is not None:
-            by_id = {ex.id: i for i, ex in enumerate(pool.examples) if ex.id is not None}
-            missing = [x for x in ids if x not in by_id]
-            if missing:
-                raise ValueError(f"many_shot state names {len(missing)} example ids not in the pool, e.g. {missing[0]!r}")
-            self.order_ = [by_id[x] for x in ids]
-        else:
-            order = [int(i) for i in arrays["order"]]
-            if any(i >= len(pool) for i in order):
-                raise ValueError("many_shot state refers to pool positions beyond the pool's size")
-            self.order_ = order
+        self.order_ = restore_positions(pool, meta.get("order_ids"), arrays["order"], "many_shot")
