@@ -765,7 +765,7 @@ def _untrusted_parts(d: Path, params: Mapping[str, Any], *, lm_given: bool, embe
         if why:
             problems.append(f"lm {params['lm']!r} {why}")
     emb = params.get("embedder")
-    if not embedder_given and isinstance(emb, str) and _looks_like_path(emb):
+    if not embedder_given and isinstance(emb, str) and (_looks_like_path(emb) or Path(emb).exists()):
         problems.append(f"embedder {emb!r} is a local path (a state may name models, not load files)")
     for key in ("shortlist", "select", "rank", "infer", "prompt"):
         spec = params.get(key)
@@ -800,7 +800,7 @@ def _looks_like_path(text: str) -> bool:
         return True
     if "/" in text:  # "org/model" Hub names are fine unless such a path exists here
         return Path(text).exists() or text.count("/") > 1
-    return Path(text).exists()
+    return False  # a bare word is an option value (a file would need a suffix or a folder)
 
 
 def _option_problems(options: Any, where: str) -> list[str]:

@@ -40,8 +40,8 @@ def sample():
     return load_benchmark("sample")
 
 
-def start_stub(port: int, *, log: Path | None = None, delay: float = 0.0) -> subprocess.Popen:
-    cmd = [sys.executable, str(STUB), "--port", str(port), "--delay", str(delay)]
+def start_stub(port: int, *, log: Path | None = None, delay: float = 0.0, model: str = "stub") -> subprocess.Popen:
+    cmd = [sys.executable, str(STUB), "--port", str(port), "--delay", str(delay), "--model", model]
     if log is not None:
         cmd += ["--log", str(log)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -295,7 +295,7 @@ def test_vllm_server_killed_mid_eval_stops_clearly_and_the_rerun_resumes(smollm2
         # Re-run against a server on the same URL: only the unfinished examples reach it.
         # (A stand-in server, so the request count is exact and no second vLLM start is paid.)
         log = tmp_path / "requests.jsonl"
-        stub = start_stub(handle.port, log=log)
+        stub = start_stub(handle.port, log=log, model=handle.model)
         res = subprocess.run(_eval_cmd(cfg, run), capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
         assert res.returncode == 0, res.stdout + res.stderr
         assert _lines(log) == 24 - done  # one completion per unfinished example, none for the finished
