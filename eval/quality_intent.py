@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from iclcls.data import load_benchmark
-from iclcls.experiment import predict_with_checkpoint, subset
+from iclcls.experiment import PredictionCheckpoint, subset
 from iclcls.io import atomic_write_json
 from iclcls.programs import knn_fusion, retriever_only
 from iclcls.types import Prediction
@@ -67,6 +67,12 @@ def main(argv=None) -> dict:
     out["class_mean"] = accuracy(mean.predict(test), test)
 
     if args.lm != "none":
+        # The checkpoint's key is everything that decides the predictions: an interrupted run
+        # resumes, and one of other options or data is refused (before fitting), never merged.
+        settings = {k: getattr(args, k) for k in ("dataset", "n", "n_val", "lm", "shots", "shortlist_k", "seed")}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        tag = args.lm.replace("/", "_").replace(":", "_")
+        checkpoint = PredictionCheckpoint(RESULTS / f"quality_{args.dataset}_{tag}.checkpoint", key, force=args.force)
         t0 = time.time()
         clf = knn_fusion(lm=args.lm, shots=args.shots, shortlist_k=args.shortlist_k).fit(bench.train)
         out["load_s"] = round(time.time() - t0, 1)
@@ -74,13 +80,7 @@ def main(argv=None) -> dict:
         clf.tune(val)
         out["tuning"] = clf.tuned_ | {"n_val": len(val), "seconds": round(time.time() - t0, 1)}
         t0 = time.time()
-        tag = args.lm.replace("/", "_").replace(":", "_")
-        # The checkpoint's key is everything that decides the predictions: an interrupted run
-        # resumes, one with other options or data is refused instead of merged.
-        settings = {k: getattr(args, k) for k in ("dataset", "n", "n_val", "lm", "shots", "shortlist_k", "seed")}
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        run_dir = RESULTS / f"quality_{args.dataset}_{tag}.checkpoint"
-        records, _ = predict_with_checkpoint(clf, test, out_dir=run_dir, config_key=key, chunk_size=16, force=args.force)
+        records, _ = checkpoint.predict(clf, test, chunk_size=16)
         preds = [Prediction.from_dict(r) for r in records]
         out["seconds_per_query"] = round((time.time() - t0) / max(len(test), 1), 3)
         out["pipeline"] = accuracy(preds, test)
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     path = RESULTS / f"quality_{args.dataset}_{tag}.json"
     atomic_write_json(path, out)
     if args.lm != "none":
-        shutil.rmtree(run_dir)
+        shutil.rmtree(checkpoint.dir)
     keys = ["one_nn", "class_mean", "knn_vote", "shortlist_recall_at_10", "lm_only", "pipeline", "fusion_weight", "seconds_per_query"]
     print(f"| {args.dataset} | {args.lm} | " + " | ".join(f"{k}={out[k]:.3f}" if isinstance(out.get(k), float) else f"{k}={out.get(k)}" for k in keys) + " |")
     print(f"wrote {path}")
