@@ -67,20 +67,24 @@ class LabelActor:
         )
 
 
-def _read(path: Path, fmt: Format, *, text_field: str, id_field: str | None) -> Any:
+_READ_CPUS = 0.1  # reading is light next to labelling
+
+
+def _read(path: Path, fmt: Format, *, text_field: str, id_field: str | None, num_cpus: float) -> Any:
     import ray.data
 
     p = str(path.resolve())
     if fmt in ("jsonl", "txt"):
-        return ray.data.read_text(p, drop_empty_lines=True)
+        return ray.data.read_text(p, drop_empty_lines=True, num_cpus=num_cpus)
     if fmt == "parquet":
-        return ray.data.read_parquet(p, columns=list(dict.fromkeys(c for c in (text_field, id_field) if c)))
+        return ray.data.read_parquet(p, columns=list(dict.fromkeys(c for c in (text_field, id_field) if c)), num_cpus=num_cpus)
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     names = csv_columns(path, fmt)
     return ray.data.read_csv(
         p,
+        num_cpus=num_cpus,
         parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
             column_types={c: pa.string() for c in names},
@@ -93,7 +97,7 @@ def _read(path: Path, fmt: Format, *, text_field: str, id_field: str | None) -> 
 def iter_ray_rows(
     path: Path, fmt: Format, *, state: Path, lm: str | None, trust: bool, text_field: str, id_field: str | None,
     chunk_rows: int, row_options: RowOptions, workers: int, address: str | None, limit: int | None,
-    done: set[Any], worker_cpus: float = 1.0,
+    done: set[Any], worker_cpus: float | None = None,
 ) -> Iterator[list[tuple[int, dict[str, Any] | None]]]:
     """Batches of ``(row number, row or None if already done)`` in input order."""
     try:
@@ -111,7 +115,10 @@ def iter_ray_rows(
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        ds = _read(path, fmt, text_field=text_field, id_field=id_field)
+        ds = _read(path, fmt, text_field=text_field, id_field=id_field, num_cpus=_READ_CPUS)
+        if worker_cpus is None:  # leave room for the read tasks, or a full pool starves them
+            total = float(ray.cluster_resources().get("CPU", 1.0))
+            worker_cpus = max(0.1, min(1.0, (total - 2 * _READ_CPUS) / workers))
         if limit is not None:
             ds = ds.limit(limit)
         ds = ds.map_batches(
@@ -119,7 +126,7 @@ def iter_ray_rows(
             fn_constructor_kwargs=dict(
                 state=str(Path(state).resolve()), lm=lm, trust=trust, fmt=fmt, text_field=text_field,
                 id_field=id_field, chunk_rows=chunk_rows, row_options=row_options,
-                done=frozenset(done) if id_field else frozenset(), threads=max(1, int(worker_cpus)),
+                done=frozenset(done) if id_field else frozenset(), threads=max(1, round(worker_cpus)),
             ),
             batch_size=chunk_rows,
             batch_format="pyarrow",
