@@ -6,20 +6,14 @@ offset (the continuation's tokens are the ones the model really sees); the token
 shared by all of a request's continuations is prefilled ONCE; then all continuation
 suffixes run in one more forward on that KV cache, and log-probabilities are taken only
 at the rows that predict continuation tokens (a 262k vocabulary times every prompt
-position would cost gigabytes). The suffix forward is ``packed`` where the attention
-kernel takes a custom mask (SDPA, eager): all suffixes in one row with a tree mask and
-their own position ids, so the prefix KV is neither copied nor padded; otherwise
-``batched``: right-padded rows on the prefix KV expanded to the batch.
-``score_naive`` runs one full forward per continuation: the reference the shared path is
-tested against, and the benchmark's baseline.
+position would cost gigabytes); the suffix forward is ``packed`` (tree mask) or ``batched``
+(see ``suffix_modes``). ``score_naive`` runs one full forward per continuation: the
+reference the shared path is tested against, and the benchmark's baseline.
+``score_batch(requests, shared_prefix=...)`` (many-shot demonstrations shared across
+queries) prefills that prefix once and keeps its KV cache in a small LRU keyed by its text.
 
-For many-shot prompts that share one long demonstration prefix across queries,
-``score_batch(requests, shared_prefix=...)`` prefills that prefix once and keeps its KV
-cache in a small LRU keyed by the prefix text.
-
-The parts live beside this class: loading (``hf_loading``, ``gguf``), KV-cache forking and
-prefix reuse (``kv_cache``), the two suffix modes (``suffix_modes``), generation and chat
-(``hf_generate``).
+Beside this class: loading (``hf_loading``, ``gguf``), KV-cache forking and prefix reuse
+(``kv_cache``), the suffix modes (``suffix_modes``), generation and chat (``hf_generate``).
 """
 
 from __future__ import annotations
