@@ -275,21 +275,25 @@ def served_lm(
     Rank: a list of the candidate labels).
     """
     from dspy._vendor.lm15.access import AccessPolicy, EndpointSupport
-    from dspy.lm15 import ModelSupport, ProviderDefinition, register_provider, registered_providers
+    from dspy.lm15 import ModelSupport, OpenAIChatCompat, ProviderDefinition, register_provider, registered_providers
 
     api_base = base_url.rstrip("/")
     if not re.search(r"/v\d+$", api_base):
         api_base += "/v1"
-    if not any(p.id == SERVED_PROVIDER for p in registered_providers()):
+    current = next((p for p in registered_providers() if p.id == SERVED_PROVIDER), None)
+    if current is None or current.definition.base_url != api_base:
         access = AccessPolicy(
             provider=SERVED_PROVIDER,
             supports=EndpointSupport(complete=True, stream=True, models=True),
             auth_modes=("bearer",),
             base_url=api_base,
         )
+        # An LM binds the registration present when it is built, so re-declaring the
+        # provider for another server leaves LMs built earlier on theirs.
         register_provider(
-            ProviderDefinition.chat(access, compat="vllm", placeholder_key="EMPTY"),
+            ProviderDefinition.chat(access, compat=OpenAIChatCompat.preset("vllm")),
             supports=ModelSupport(response_schema=True, function_calling=False, reasoning=False),
+            replace=True,
         )
     return dspy.LM(
         f"{SERVED_PROVIDER}/{model}",

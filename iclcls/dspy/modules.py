@@ -209,16 +209,10 @@ class Rank(dspy.Module):
     def _signature(self, shown: Sequence[str]) -> Any:
         """The predictor's current signature (instructions may have been optimised) with the
         output restricted to ``shown``: a JSON schema of at most ``max_labels`` candidates."""
-        from typing import Annotated
-
-        import pydantic
-
         base = _signature_of(self.predict)
         if not self.constrain or not shown:
             return base
-        choice = Literal[tuple(dict.fromkeys(shown))]  # type: ignore[valid-type]
-        kind = Annotated[list[choice], pydantic.Field(max_length=self.max_labels)]  # type: ignore[valid-type]
-        return base.with_updated_fields("ranked_labels", type_=kind)
+        return base.with_updated_fields("ranked_labels", type_=candidate_list(shown, self.max_labels))
 
     def map_labels(self, written: Any) -> tuple[list[str], int]:
         """Written labels -> label-space labels (exact, then case-insensitive), and how many mapped to nothing."""
@@ -259,6 +253,26 @@ class Rank(dspy.Module):
         if stats is not None:
             stats.add("rank", inputs=1, unparsed=not picked, dropped=dropped)
         return dspy.Prediction(ranking=labels, lm_labels=picked, dropped=dropped)
+
+
+def candidate_list(choices: Sequence[str], max_items: int) -> type:
+    """A list type whose JSON schema admits only ``choices``, at most ``max_items`` of them.
+
+    DSPy builds its structured-output schema from field annotations only (a ``Field``
+    constraint such as ``max_length`` is dropped), so the cap lives in the type's own
+    pydantic schema. Validated values are plain lists; the prompt calls the type ``list[str]``.
+    """
+    from pydantic_core import core_schema
+
+    item = Literal[tuple(dict.fromkeys(choices))]  # type: ignore[valid-type]
+
+    class CandidateList(list):
+        @classmethod
+        def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+            return core_schema.list_schema(handler.generate_schema(item), max_length=max_items)
+
+    CandidateList.__name__ = CandidateList.__qualname__ = "list[str]"
+    return CandidateList
 
 
 def _signature_of(predict: Any) -> Any:
