@@ -311,7 +311,8 @@ def study(
     resume) and write metrics.json, summary.json, report.md and a plot of accuracy against shots."""
     import shlex
 
-    from iclcls.evaluate import ResumeError, parse_assignments
+    from iclcls.config import parse_assignments
+    from iclcls.experiment import ResumeError
     from iclcls.study import run_study
 
     argv = ["iclcls", "study", str(config)] + [x for s in (set_ or []) for x in ("--set", s)]

@@ -60,6 +60,14 @@ class ClassifierConfig(BaseModel):
     threshold: float | None = None
     batch_size: int | None = Field(default=None, ge=1)
     tune: bool = True
+    compiled: str | None = Field(default=None, description="program dspy_irera: the folder `iclcls compile` wrote")
+    dspy: dict[str, Any] | None = Field(default=None, description="program dspy_irera: the options `iclcls compile` reads")
+
+    @model_validator(mode="after")
+    def _dspy_options(self) -> ClassifierConfig:
+        if (self.compiled or self.dspy) and self.program != "dspy_irera":
+            raise ValueError("'compiled' and 'dspy' are options of program dspy_irera (a compiled DSPy program)")
+        return self
 
 
 class FitConfig(BaseModel):

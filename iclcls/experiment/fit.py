@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,8 +14,15 @@ from iclcls.experiment.splits import Splits, load_splits
 from iclcls.io import atomic_write_json, read_json
 from iclcls.types import Example
 
+# Programs that are not ICLClassifier presets but classifiers of their own with the same
+# fit/predict/decide interface, built ``from_spec(classifier section)``; named by import path so
+# the core loads them (and their libraries) only when a config asks for one.
+OTHER_CLASSIFIERS = {"dspy_irera": "iclcls.dspy.classifier:DSPyIReRaClassifier"}
+
+
 def build_classifier(cfg: ClassifierConfig, *, lms: dict[str, Any] | None = None, quiet: bool = False) -> Any:
-    """An unfitted ICLClassifier: the ``program`` preset's parameters, then the options set.
+    """An unfitted ICLClassifier: the ``program`` preset's parameters, then the options set
+    (or, for a program in ``OTHER_CLASSIFIERS``, that classifier built from the section).
 
     ``lms`` (spec -> loaded LM) shares LMs across runs: a spec loaded before is reused, and
     ``remember_lm`` adds the one a fit loads.
@@ -22,10 +30,14 @@ def build_classifier(cfg: ClassifierConfig, *, lms: dict[str, Any] | None = None
     from iclcls.classifier import ICLClassifier
     from iclcls.programs import PROGRAMS
 
+    if cfg.program in OTHER_CLASSIFIERS:
+        module, _, name = OTHER_CLASSIFIERS[cfg.program].partition(":")
+        clf = getattr(importlib.import_module(module), name).from_spec(cfg.model_dump(exclude={"tune"}, exclude_unset=True))
+        return clf.set_params(show_progress=False) if quiet else clf
     opts = cfg.model_dump(exclude={"program", "tune"}, exclude_unset=True)
     if cfg.program:
         if cfg.program not in PROGRAMS:
-            raise ValueError(f"unknown program {cfg.program!r}; known: {', '.join(PROGRAMS)}")
+            raise ValueError(f"unknown program {cfg.program!r}; known: {', '.join([*PROGRAMS, *OTHER_CLASSIFIERS])}")
         opts = {**PROGRAMS[cfg.program]().get_params(deep=False), **opts}
     clf = ICLClassifier(**opts)
     if quiet:

@@ -163,7 +163,8 @@ def run_experiment(
     records, computed = checkpoint.predict(
         prep.classifier, examples, chunk_size=cfg.eval.checkpoint_every, on_chunk=on_chunk, show_progress=show_progress
     )
-    info = {**prep.info, "predict_seconds_this_call": round(time.time() - t0, 2), "resumed_examples": len(records) - computed, **(extra or {})}
+    info = {**prep.info, "predict_seconds_this_call": round(time.time() - t0, 2), "resumed_examples": len(records) - computed}
+    info.update(extra or {})
     metrics = score_records(records, ks=cfg.eval.ks)
     write_run(out, cfg=cfg, records=records, metrics=metrics, info=info, command=command, key=key)
     return RunResult(out, metrics, records, info, computed)
