@@ -6,15 +6,19 @@ A Pool is the demonstration pool and the retriever's memory at once. It only gro
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from iclcls.embed.base import Embedder
+from iclcls.embed.image import encode_examples
 from iclcls.index import VectorIndex
-from iclcls.io import atomic_write_text, load_npy, save_npy
+from iclcls.io import atomic_write_bytes, atomic_write_text, load_npy, save_npy
 from iclcls.types import Candidates, Example, LabelSpace, Query  # noqa: F401  (Query, Candidates: moved to types)
 
 
@@ -43,7 +47,7 @@ class Pool:
             for lab in ex.labels:
                 self.labels.add(lab)
         if embeddings is None:
-            embeddings = self.embedder.encode([ex.text for ex in examples])
+            embeddings = encode_examples(self.embedder, examples)
         embeddings = np.asarray(embeddings, dtype=np.float32)
         start = len(self.examples)
         ids = np.arange(start, start + len(examples), dtype=np.int64)
@@ -88,9 +92,10 @@ class Pool:
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
+        store = _ImageStore(d)
         atomic_write_text(
             d / "examples.jsonl",
-            "".join(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n" for ex in self.examples),
+            "".join(json.dumps(_record(ex, store), ensure_ascii=False) + "\n" for ex in self.examples),
         )
         save_npy(d / "embeddings.npy", self.embeddings)
         self.labels.save(d / "labels.json")
@@ -100,7 +105,9 @@ class Pool:
     @classmethod
     def load(cls, directory: str | Path, embedder: Embedder, *, require_checksum: bool = True) -> Pool:
         """Read a saved pool; the faiss index must match the size and SHA-256 recorded at save
-        (``require_checksum=False`` accepts an older state that recorded none)."""
+        (``require_checksum=False`` accepts an older state that recorded none). Images come
+        back as bytes from the state's own ``images/`` folder, checked against their SHA-256;
+        nothing outside the state's folder is read."""
         d = Path(directory)
         pool = cls(embedder, LabelSpace.load(d / "labels.json"))
         path = d / "examples.jsonl"
@@ -110,17 +117,73 @@ class Pool:
         for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
             if line.strip():
                 try:
-                    examples.append(Example.from_dict(json.loads(line)))
-                except (ValueError, KeyError, TypeError) as e:
+                    examples.append(Example.from_dict(json.loads(line), load_image=lambda r: _read_stored_image(d, r)))
+                except (ValueError, KeyError, TypeError, OSError) as e:
                     raise ValueError(f"{path}, line {n}: bad example: {e}") from None
         embeddings = load_npy(d / "embeddings.npy")
         if len(embeddings) != len(examples):
             raise ValueError(f"{d}: {len(examples)} examples but {len(embeddings)} embeddings")
         if (d / "index.faiss").is_file():
-            pool.index = VectorIndex.load(d / "index.faiss", require_checksum=require_checksum)
+            # Untrusted (require_checksum): an exact index is rebuilt from the embeddings, never parsed.
+            pool.index = VectorIndex.load(
+                d / "index.faiss", require_checksum=require_checksum,
+                rebuild_from=embeddings if require_checksum else None,
+            )
             if len(pool.index) != len(examples):
                 raise ValueError(f"{d / 'index.faiss'}: holds {len(pool.index)} vectors, expected {len(examples)}")
             pool._append(examples, embeddings, np.arange(len(examples), dtype=np.int64))
         elif examples:
             pool.extend(examples, embeddings)
         return pool
+
+
+# -- images in a saved state: every local image is stored once, by content -------------
+IMAGES_DIR = "images"
+
+
+class _ImageStore:
+    """Writes image bytes as ``images/<sha256>`` files in a state folder (once per content)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._written: set[str] = set()
+
+    def __call__(self, data: bytes) -> dict[str, str]:
+        digest = hashlib.sha256(data).hexdigest()
+        rel = f"{IMAGES_DIR}/{digest}"
+        if digest not in self._written:
+            path = self.directory / rel
+            if not (path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, data)
+            self._written.add(digest)
+        return {"file": rel, "sha256": digest}
+
+
+def _record(ex: Example, store: _ImageStore) -> dict:
+    """An example's JSON record; local image files are read now and stored in the state, so a
+    loaded state never reads a path outside its folder (URLs stay as they are)."""
+    if any(isinstance(i, str) and not i.startswith(("http://", "https://", "data:")) for i in ex.images):
+        from iclcls.data.images import image_bytes
+
+        ex = replace(ex, images=tuple(
+            image_bytes(i) if isinstance(i, str) and not i.startswith(("http://", "https://", "data:")) else i
+            for i in ex.images
+        ))
+    return ex.to_dict(store_image=store)
+
+
+def _read_stored_image(directory: Path, ref: Any) -> bytes:
+    rel, digest = ref.get("file"), ref.get("sha256")
+    if not isinstance(rel, str) or not isinstance(digest, str):
+        raise ValueError(f"an image record needs 'file' and 'sha256', got {dict(ref)!r}")
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or len(parts) != 2 or parts[0] != IMAGES_DIR or parts[1] in ("..", "."):
+        raise ValueError(f"image file {rel!r} is not inside the state's {IMAGES_DIR}/ folder")
+    path = directory / rel
+    if path.is_symlink():
+        raise ValueError(f"image file {rel!r} is a link (a state's images are plain files)")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"image file {rel!r} does not match its recorded SHA-256")
+    return data

@@ -7,10 +7,11 @@ validated vocabulary object with an explicit ``add``.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import InitVar, dataclass, field
+from pathlib import Path, PurePath
 from types import MappingProxyType
 from typing import Any
 
@@ -31,31 +32,43 @@ def _as_str_tuple(value: Any, what: str) -> tuple[str, ...]:
     return out
 
 
+ImageRef = Any  # a file path (str/Path), an http(s):// or data: URL, or the image's raw bytes
+
+
 @dataclass(frozen=True)
 class Example:
-    """One input (text and optional images) with its gold labels (empty when unknown).
+    """One input (text, images, or both) with its gold labels (empty when unknown).
 
-    ``images`` are file paths, URLs (``http(s)://`` or ``data:``) or raw bytes.
+    ``images`` are file paths, URLs (``http(s)://`` or ``data:``) or raw bytes;
+    ``image=`` is the one-image shorthand (``Example(image="cat.png", labels="cat")``).
+    ``text`` may be left out when there is an image; an example with neither is an error.
     """
 
-    text: str
+    text: str | None = None
     labels: tuple[str, ...] = ()
-    images: tuple[Any, ...] = ()
+    images: tuple[ImageRef, ...] = ()
     id: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    image: InitVar[ImageRef] = None
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.text, str):
-            raise TypeError(f"Example.text must be a string, got {type(self.text).__name__}")
+    def __post_init__(self, image: ImageRef = None) -> None:
+        text = "" if self.text is None else self.text
+        if not isinstance(text, str):
+            raise TypeError(f"Example.text must be a string, got {type(text).__name__}")
+        object.__setattr__(self, "text", text)
         object.__setattr__(self, "labels", _as_str_tuple(self.labels, "Example.labels"))
         images = self.images
         if images is None:
             images = ()
-        elif isinstance(images, (str, bytes)):
+        elif isinstance(images, (str, bytes, bytearray, PurePath)):
             images = (images,)
-        object.__setattr__(self, "images", tuple(images))
-        if not self.text.strip() and not self.images:
-            raise ValueError("Example has empty text and no images")
+        images = tuple(images)
+        if image is not None:
+            images = (image, *images)
+        images = tuple(_image_ref(i, n) for n, i in enumerate(images))
+        object.__setattr__(self, "images", images)
+        if not text.strip() and not images:
+            raise ValueError("Example has neither text nor an image")
         if any(not lab.strip() for lab in self.labels):
             raise ValueError(f"Example has an empty label: {self.labels!r}")
         if self.id is not None and not isinstance(self.id, str):
@@ -67,25 +80,56 @@ class Example:
         """The first gold label (the label, for single-label data)."""
         return self.labels[0] if self.labels else None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, store_image: Callable[[bytes], Any] | None = None) -> dict[str, Any]:
+        """A JSON-able record. Image bytes become ``store_image(bytes)`` (a state writes them
+        as files and records the file and its SHA-256), else ``{"sha256", "size"}``: a
+        reference, not the image (a prediction dump does not carry megabytes of base64)."""
         d: dict[str, Any] = {"text": self.text, "labels": list(self.labels)}
         if self.id is not None:
             d["id"] = self.id
         if self.images:
-            d["images"] = [i if isinstance(i, str) else f"<{len(i)} bytes>" for i in self.images]
+            d["images"] = [
+                i if isinstance(i, str)
+                else (store_image(i) if store_image is not None else {"sha256": hashlib.sha256(i).hexdigest(), "size": len(i)})
+                for i in self.images
+            ]
         if self.metadata:
             d["metadata"] = dict(self.metadata)
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Example:
+    def from_dict(cls, d: Mapping[str, Any], *, load_image: Callable[[Mapping[str, Any]], bytes] | None = None) -> Example:
+        """Inverse of :meth:`to_dict`; ``load_image`` turns a stored image record back into bytes."""
+        images = []
+        for ref in d.get("images", ()) or ():
+            if isinstance(ref, Mapping):
+                if load_image is None:
+                    raise ValueError("the record names image bytes that were not saved with it")
+                ref = load_image(ref)
+            images.append(ref)
         return cls(
-            text=d["text"],
+            text=d.get("text"),
             labels=tuple(d.get("labels", ())),
-            images=tuple(d.get("images", ())),
+            images=tuple(images),
             id=d.get("id"),
             metadata=d.get("metadata", {}),
         )
+
+
+def _image_ref(ref: Any, n: int) -> ImageRef:
+    if isinstance(ref, bytearray):
+        ref = bytes(ref)
+    if isinstance(ref, PurePath):
+        ref = str(ref)
+    if isinstance(ref, str):
+        if not ref.strip():
+            raise ValueError(f"Example image {n} is an empty path")
+        return ref
+    if isinstance(ref, bytes):
+        if not ref:
+            raise ValueError(f"Example image {n} is empty bytes")
+        return ref
+    raise TypeError(f"Example image {n} must be a path, URL or bytes, got {type(ref).__name__}")
 
 
 class LabelSpace:

@@ -10,6 +10,7 @@ from iclcls.data.benchmark import Benchmark, benchmark_names, load_benchmark, re
 from iclcls.data.errors import DataError, DataWarning
 from iclcls.data.files import load_examples
 from iclcls.data.hub import load_hf_dataset
+from iclcls.data.images import load_image_folder
 from iclcls.data.incremental import class_incremental_tasks, filter_by_labels
 
 BENCHMARKS: tuple[str, ...] = benchmark_names()
@@ -35,6 +36,7 @@ __all__ = [
     "load_benchmark",
     "load_examples",
     "load_hf_dataset",
+    "load_image_folder",
     "load_split",
     "resolve_data_dir",
 ]

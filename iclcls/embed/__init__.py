@@ -12,6 +12,7 @@ from pathlib import Path
 
 from iclcls.embed.base import Embedder
 from iclcls.embed.cache import CachedEmbedder, default_cache_dir
+from iclcls.embed.image import encode_examples
 from iclcls.embed.sentence_transformers import SentenceTransformerEmbedder
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "default_embedder",
     "get_embedder",
     "DEFAULT_EMBEDDER_NAME",
+    "encode_examples",
 ]
 
 DEFAULT_EMBEDDER_NAME = "st:all-MiniLM-L6-v2"
@@ -51,6 +53,27 @@ def default_model_path() -> Path:
 @functools.lru_cache(maxsize=None)
 def _st(spec: str, device: str | None, name: str | None) -> SentenceTransformerEmbedder:
     return SentenceTransformerEmbedder(spec, device=device, name=name)
+
+
+@functools.lru_cache(maxsize=None)
+def _pixels(spec: str) -> Embedder:
+    from iclcls.embed.image import PixelEmbedder
+
+    parts = spec.split(":")
+    if len(parts) == 1:
+        return PixelEmbedder()
+    try:
+        w, h = (int(v) for v in parts[1].lower().split("x"))
+    except ValueError:
+        raise ValueError(f"bad pixel embedder spec {spec!r}; use 'pixels' or 'pixels:16x16[:L|RGB]'") from None
+    return PixelEmbedder(size=(w, h), mode=parts[2] if len(parts) > 2 else "L")
+
+
+@functools.lru_cache(maxsize=None)
+def _clip(model: str, device: str | None) -> Embedder:
+    from iclcls.embed.image import ClipEmbedder
+
+    return ClipEmbedder(model, device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,9 +109,15 @@ def get_embedder(
     """An embedder by spec, one instance per process.
 
     None/"default" (and the all-MiniLM-L6-v2 names, when the offline package is
-    installed) -> :func:`default_embedder`; "mpnet" -> all-mpnet-base-v2 (opt-in install); otherwise any sentence-transformers Hub name
-    or local folder.
+    installed) -> :func:`default_embedder`; "mpnet" -> all-mpnet-base-v2 (opt-in install);
+    "pixels" (or "pixels:WxH[:L|RGB]") -> raw-pixel image embedder; "clip:<name or folder>" ->
+    a CLIP-family image+text model; otherwise any sentence-transformers Hub name or local folder.
+    Image embedders are not disk-cached (their inputs are not strings).
     """
+    if isinstance(spec, str) and (spec == "pixels" or spec.startswith("pixels:")):
+        return _pixels(spec)
+    if isinstance(spec, str) and spec.startswith("clip:"):
+        return _clip(spec[len("clip:"):], device)
     if spec in _DEFAULT_ALIASES:
         try:
             return default_embedder(cache, cache_dir=cache_dir, device=device)

@@ -1,0 +1,229 @@
+"""Images end to end: image Examples, loaders, state round trip, image embedders, digits kNN.
+
+Real images (scikit-learn's digits, PNG-encoded), real models built at test time with tiny
+random weights from a config (CLIP), no downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iclcls.data import DataError, load_examples, load_image_folder
+from iclcls.data.images import digits_examples
+from iclcls.embed import default_embedder, encode_examples, get_embedder
+from iclcls.pool import Pool
+from iclcls.types import Example
+
+
+@pytest.fixture(scope="module")
+def digits() -> list[Example]:
+    return digits_examples()
+
+
+def split(examples: list[Example], shots: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    rng = random.Random(seed)
+    by: dict[str, list[Example]] = {}
+    for e in examples:
+        by.setdefault(e.label, []).append(e)
+    pool = [e for lab in sorted(by) for e in rng.sample(by[lab], shots)]
+    ids = {e.id for e in pool}
+    return pool, [e for e in examples if e.id not in ids]
+
+
+def png(value: int, size: int = 8) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- Example --------------------------------------------------------------------------
+def test_example_takes_an_image_without_text_and_keeps_the_text_only_forms():
+    a = Example(text=None, image=b"\x89PNG...")
+    assert a.text == "" and a.images == (b"\x89PNG...",)
+    b = Example("hello", ("greet",))  # the positional text-only form
+    assert b.text == "hello" and b.labels == ("greet",) and b.images == ()
+    c = Example(text="a cat", image=Path("cat.png"), labels="cat")
+    assert c.images == ("cat.png",) and c.label == "cat"
+    with pytest.raises(ValueError, match="neither text nor an image"):
+        Example()
+    with pytest.raises(ValueError, match="neither text nor an image"):
+        Example(text="  ", images=())
+    with pytest.raises(TypeError, match="image 0"):
+        Example(image=123)
+
+
+def test_a_text_embedder_refuses_an_image_only_example():
+    with pytest.raises(ValueError, match="image without text.*image embedder"):
+        encode_examples(default_embedder(), [Example(image=png(3), labels="x")])
+
+
+# -- loaders --------------------------------------------------------------------------
+def test_image_column_paths_are_relative_to_the_file(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png(10))
+    (tmp_path / "img" / "b.png").write_bytes(png(200))
+    f = tmp_path / "train.csv"
+    f.write_text("image,text,label\nimg/a.png,,dark\nimg/b.png,a bright one,light\n")
+    exs = load_examples(f, image_field="image")
+    assert [e.label for e in exs] == ["dark", "light"]
+    assert exs[0].text == "" and exs[1].text == "a bright one"
+    assert Path(exs[0].images[0]).read_bytes() == png(10)
+    f.write_text("image,label\nimg/a.png,dark\nimg/missing.png,light\n")
+    with pytest.raises(DataError, match=r"line 3.*missing\.png"):
+        load_examples(f, image_field="image", text_field=None)
+
+
+def test_image_column_of_bytes_in_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"image": [png(1), png(2)], "label": ["a", "b"]}), f)
+    exs = load_examples(f, image_field="image", text_field=None)
+    assert [e.images[0] for e in exs] == [png(1), png(2)]
+    # Hugging Face's Image feature: a {bytes, path} struct per row
+    pq.write_table(pa.table({"image": [{"bytes": png(3), "path": "x.png"}], "label": ["a"]}), f)
+    assert load_examples(f, image_field="image", text_field=None)[0].images == (png(3),)
+    pq.write_table(pa.table({"image": [png(1), None], "label": ["a", "b"]}), f)
+    with pytest.raises(DataError, match="row 2.*neither an image nor text"):
+        load_examples(f, image_field="image", text_field=None)
+
+
+def test_folder_per_class_layout(tmp_path):
+    for lab, v in (("cat", 1), ("dog", 2)):
+        (tmp_path / "train" / lab).mkdir(parents=True)
+        (tmp_path / "train" / lab / f"{lab}1.png").write_bytes(png(v))
+        (tmp_path / "train" / lab / "notes.txt").write_text("not an image")
+    exs = load_image_folder(tmp_path / "train")
+    assert [(e.id, e.label) for e in exs] == [("cat/cat1.png", "cat"), ("dog/dog1.png", "dog")]
+    with pytest.raises(DataError, match="no images"):
+        load_image_folder(tmp_path / "train" / "cat")
+
+
+# -- state ----------------------------------------------------------------------------
+def test_pool_save_load_keeps_images_bit_for_bit_and_reads_only_its_folder(tmp_path):
+    src = tmp_path / "seven.png"
+    src.write_bytes(png(7))
+    exs = [Example(image=png(1), labels="a"), Example(text="t", images=(png(2), str(src)), labels="b"),
+           Example("text only", ("a",))]
+    pool = Pool(get_embedder("pixels"))
+    pool.extend(exs, np.eye(3, 256, dtype=np.float32))  # (the pixel embedder refuses text-only)
+    pool.save(tmp_path / "state")
+    stored = sorted((tmp_path / "state" / "images").iterdir())
+    assert {p.name for p in stored} == {hashlib.sha256(png(v)).hexdigest() for v in (1, 2, 7)}
+    src.unlink()  # a loaded state does not need (or read) the original file
+    back = Pool.load(tmp_path / "state", get_embedder("pixels"))
+    assert [e.images for e in back.examples] == [(png(1),), (png(2), png(7)), ()]
+    assert [e.text for e in back.examples] == ["", "t", "text only"]
+    np.testing.assert_array_equal(back.embeddings, pool.embeddings)
+
+    # tampered bytes, and a record naming a file outside the state, are refused
+    lines = (tmp_path / "state" / "examples.jsonl").read_text().splitlines()
+    (tmp_path / "state" / "images" / hashlib.sha256(png(1)).hexdigest()).write_bytes(png(9))
+    with pytest.raises(ValueError, match="line 1.*SHA-256"):
+        Pool.load(tmp_path / "state", get_embedder("pixels"))
+    rec = json.loads(lines[0])
+    rec["images"] = [{"file": "../seven.png", "sha256": rec["images"][0]["sha256"]}]
+    (tmp_path / "state" / "examples.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match="line 1.*not inside"):
+        Pool.load(tmp_path / "state", get_embedder("pixels"))
+
+
+def test_classifier_with_pixels_saves_and_loads(digits, tmp_path):
+    from iclcls.classifier import ICLClassifier
+
+    pool, test = split(digits, 3)
+    clf = ICLClassifier(embedder="pixels", shortlist="class_mean", rank="retriever", select=None, shots=0)
+    clf.fit(pool)
+    before = clf.predict_labels(test[:40])
+    clf.save(tmp_path / "clf")
+    back = ICLClassifier.load(tmp_path / "clf")
+    assert back.predict_labels(test[:40]) == before
+    assert back.pool_.examples[0].images == pool[0].images
+
+
+# -- embedders ------------------------------------------------------------------------
+def test_pixel_embedder_rows_and_refusals():
+    emb = get_embedder("pixels:8x8")
+    assert emb.dim == 64 and emb is get_embedder("pixels:8x8")
+    vecs = encode_examples(emb, [Example(image=png(5)), Example(image=png(250), text="ignored")])
+    assert vecs.shape == (2, 64)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="has no image"):
+        encode_examples(emb, [Example("text only")])
+    with pytest.raises(TypeError, match="not text"):
+        emb.encode(["a label"])
+
+
+def test_pixel_knn_on_digits_is_accurate(digits):
+    """1-NN, class mean and the ECL on raw pixels, 10 examples per class, all the rest as test."""
+    from iclcls.classifier import ICLClassifier
+
+    pool, test = split(digits, 10)
+    acc = {}
+    for name, spec in (("one_nn", {"name": "knn_vote", "neighbors": 1}), ("class_mean", "class_mean"), ("ecl", "ecl")):
+        clf = ICLClassifier(embedder="pixels", shortlist=spec, rank="retriever", select=None, shots=0, show_progress=False)
+        clf.fit(pool)
+        acc[name] = np.mean([p == e.label for p, e in zip(clf.predict_labels(test), test)])
+    assert acc["one_nn"] > 0.85, acc
+    assert acc["class_mean"] > 0.8 and acc["ecl"] > 0.8, acc
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A CLIP with tiny random weights and a 74-token character vocabulary, saved as an HF folder."""
+    import string
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    d = tmp_path_factory.mktemp("tiny-clip")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    chars = list(string.ascii_lowercase + string.digits)
+    for c in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(c, len(vocab))
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(d)
+    tok = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(d)
+    return d
+
+
+def test_clip_embedder_embeds_text_images_and_both(tiny_clip, digits):
+    emb = get_embedder(f"clip:{tiny_clip}")
+    assert emb.name.startswith("clip:") and emb.dim == 16
+    img, txt = digits[0].images[0], "a handwritten zero"
+    vecs = encode_examples(emb, [Example(image=img), Example(text=txt), Example(text=txt, image=img)])
+    assert vecs.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+    both = vecs[0] + vecs[1]
+    np.testing.assert_allclose(vecs[2], both / np.linalg.norm(both), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(emb.encode([txt])[0], vecs[1], rtol=1e-4, atol=1e-6)
+
+    # the pool and a retriever classifier run unchanged on CLIP image vectors
+    from iclcls.classifier import ICLClassifier
+
+    pool, test = split(digits[:300], 3)
+    clf = ICLClassifier(embedder=emb, shortlist="knn_vote", rank="retriever", select=None, shots=0, show_progress=False)
+    clf.fit(pool)
+    assert set(clf.predict_labels(test[:20])) <= {str(d) for d in range(10)}
