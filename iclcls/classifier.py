@@ -25,6 +25,7 @@ from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
 from iclcls.infer import INFERRERS
+from iclcls.embed.image import encode_examples
 from iclcls.errors import UntrustedStateError
 from iclcls.io import atomic_write_json, fsync_dir, fsync_tree, load_npy, read_json, save_npy
 from iclcls.lm import get_lm
@@ -328,7 +329,7 @@ class ICLClassifier(BaseEstimator):
         return out
 
     def _queries(self, examples: Sequence[Example]) -> list[Query]:
-        emb = self.embedder_.encode([ex.text for ex in examples])
+        emb = encode_examples(self.embedder_, examples)  # images through an image embedder
         queries = [Query(ex, e) for ex, e in zip(examples, emb)]
         if self.inferrer_ is not None:
             guesses = self.inferrer_.infer(self.lm_, [ex.text for ex in examples])
