@@ -421,13 +421,21 @@ class VectorIndex:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, use_gpu: bool | Literal["auto"] = "auto", require_checksum: bool = False
+        cls,
+        path: str | Path,
+        *,
+        use_gpu: bool | Literal["auto"] = "auto",
+        require_checksum: bool = False,
+        rebuild_from: np.ndarray | None = None,
     ) -> VectorIndex:
         """Read an index written by :meth:`save` (faiss binary + JSON; nothing is executed).
 
         The faiss file is read once into memory, its size and SHA-256 checked against the
         sidecar, and only those verified bytes are parsed. ``require_checksum`` refuses a
-        sidecar without them (an older or hand-made state).
+        sidecar without them (an older or hand-made state). ``rebuild_from`` (the vectors,
+        ids 0..n-1, as a pool keeps them) rebuilds an exact (flat) index from them instead of
+        parsing the faiss bytes at all: for untrusted states, since a checksum stored beside
+        a file only proves the file was not damaged, not that whoever wrote both is benign.
         """
         index_file, meta_file = cls._paths(path)
         for f in (index_file, meta_file):
@@ -466,6 +474,13 @@ class VectorIndex:
                 f"{index_file}: {len(data)} bytes with SHA-256 {hashlib.sha256(data).hexdigest()[:16]}..., but "
                 f"{meta_file.name} recorded {size} bytes, {str(digest)[:16]}...: the file was changed or damaged"
             )
+        if rebuild_from is not None and kind == "flat" and not deleted:
+            vectors = np.asarray(rebuild_from, dtype=np.float32)
+            if vectors.ndim != 2 or len(vectors) != ntotal or (len(vectors) and vectors.shape[1] != obj.dim):
+                raise ValueError(f"{meta_file}: {ntotal} vectors of dim {obj.dim}, but {vectors.shape} given to rebuild from")
+            obj._build("flat", vectors, np.arange(len(vectors), dtype=np.int64))
+            obj.ef_search = obj._ef_search
+            return obj
         try:
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as e:

@@ -203,3 +203,24 @@ def test_cli_predict_refuses_untrusted_state_and_trust_flag_lets_it_load(state, 
     res = runner.invoke(app, ["predict", str(inputs), "--state", str(state), "--trust-state", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text().splitlines()[0])["labels"]
+
+
+def test_untrusted_flat_index_is_rebuilt_from_embeddings_not_parsed(state, sample, monkeypatch):
+    import faiss
+
+    # A poisoner can rewrite index.faiss AND its recorded checksum: an untrusted load must not parse it.
+    idx = state / "pool" / "index.faiss"
+    meta_path = state / "pool" / "index.faiss.json"
+    junk = b"IxMp" + bytes(range(256)) * 4
+    meta = json.loads(meta_path.read_text())
+    meta.update(file_bytes=len(junk), file_sha256=hashlib.sha256(junk).hexdigest())
+    idx.write_bytes(junk)
+    meta_path.write_text(json.dumps(meta))
+    calls = []
+    monkeypatch.setattr(faiss, "deserialize_index", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    clf = ICLClassifier.load(state)
+    assert not calls  # the bytes were never handed to faiss
+    assert clf.predict(sample.test[:3])[0].labels
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="not a faiss index"):
+        ICLClassifier.load(state, trust=True)  # trusted: parsed, and the junk is caught
