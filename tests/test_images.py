@@ -172,7 +172,7 @@ def test_pixel_knn_on_digits_is_accurate(digits):
     acc = {}
     for name, spec in (("one_nn", {"name": "knn_vote", "neighbors": 1}), ("class_mean", "class_mean"), ("ecl", "ecl")):
         clf = ICLClassifier(embedder="pixels", shortlist=spec, rank="retriever", select=None, shots=0, show_progress=False)
-        clf.fit(pool)
+        clf.fit(pool, tune="none")
         acc[name] = np.mean([p == e.label for p, e in zip(clf.predict_labels(test), test)])
     assert acc["one_nn"] > 0.85, acc
     assert acc["class_mean"] > 0.8 and acc["ecl"] > 0.8, acc
