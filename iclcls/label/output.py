@@ -100,23 +100,24 @@ class JsonlSink:
         self._f = open(self.out, "ab")
 
     def _load_done(self) -> None:
+        """Read OUT line by line (never whole): collect ids, cut a torn last line."""
+        good_end = 0
         with open(self.out, "rb+") as f:
-            data = f.read()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):  # a kill mid-write: drop the torn line
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
-        for lineno, line in enumerate(data[:end].splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LabelInputError(f"{self.out}, line {lineno}: not a JSON row ({e.msg}); cannot resume") from None
-            rid = row.get("id") if isinstance(row, dict) else None
-            self.done.add(rid)
-            self.failed_before += "error" in row
+            for lineno, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):  # a kill mid-write: drop the torn line
+                    f.truncate(good_end)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    break
+                good_end += len(line)
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LabelInputError(f"{self.out}, line {lineno}: not a JSON row ({e.msg}); cannot resume") from None
+                self.done.add(row.get("id") if isinstance(row, dict) else None)
+                self.failed_before += isinstance(row, dict) and "error" in row
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
