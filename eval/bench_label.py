@@ -150,6 +150,13 @@ def main() -> None:
     src = write_jsonl(work / "test.jsonl", test)
     n = len(test)
     res: dict = {"rows": n, "chunk_rows": 256, "work": str(work)}
+    target = RESULTS if args.rows is None else work / "bench_label.json"
+
+    def save() -> None:  # after every section, so a stopped run keeps what it measured
+        res["command"] = "python eval/bench_label.py " + " ".join(sys.argv[1:])
+        res["total_s"] = time.perf_counter() - t_start
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(res, indent=2) + "\n")
 
     def report(name: str, r: dict, rows: int) -> None:
         print(f"{name:<28} {rows:>7} rows {r['seconds']:8.1f} s {rows / r['seconds']:8.1f} rows/s  peak RSS {r['rss_mb']:7.0f} MB", flush=True)
@@ -174,6 +181,7 @@ def main() -> None:
     )
     res["embed_over_label"] = res["embed_rows_per_s"] / res["label_rows_per_s"]
     res["label_over_predict"] = res["label_rows_per_s"] / res["predict_rows_per_s"]
+    save()
 
     # resume: kill at about half, run again
     rout = work / "resume.jsonl"
@@ -198,6 +206,7 @@ def main() -> None:
     print(f"resume: killed at {at_kill} rows; {first['seconds']:.1f} s + {second['seconds']:.1f} s = {total:.1f} s "
           f"({total / lab['seconds']:.2f}x uninterrupted); duplicates {res['resume']['duplicates']}, "
           f"missing {res['resume']['missing']}", flush=True)
+    save()
 
     # Ray engine, 1 and 2 workers
     if not args.no_ray:
@@ -210,6 +219,7 @@ def main() -> None:
             res["ray_rows_per_s"][str(w)] = n / r["seconds"]
             res["ray_seconds"][str(w)] = r["seconds"]
             report(f"ray, {w} worker(s)", r, n)
+            save()
 
     # peak RSS at growing row counts (one cache shared, increasing order)
     pool = list(dict.fromkeys(banking_texts("train") + test))
@@ -222,7 +232,8 @@ def main() -> None:
         r = run(label_cmd(big, state, work / f"rss{rows}.out.jsonl"), cache=cache)
         res["rss_mb"][str(rows)] = r["rss_mb"]
         res["rss_seconds"][str(rows)] = r["seconds"]
-        report(f"rss run", r, rows)
+        report("rss run", r, rows)
+        save()
         big.unlink()
         (work / f"rss{rows}.out.jsonl").unlink()
     if len(res["rss_mb"]) >= 2:
@@ -239,11 +250,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    res["total_s"] = time.perf_counter() - t_start
-    res["command"] = "python eval/bench_label.py " + " ".join(sys.argv[1:])
-    target = RESULTS if args.rows is None else work / "bench_label.json"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(res, indent=2) + "\n")
+    save()
     print(f"label {res['label_rows_per_s']:.1f} rows/s | predict {res['predict_rows_per_s']:.1f} | "
           f"embedder {res['embed_rows_per_s']:.1f} (embedder/label {res['embed_over_label']:.2f}x) -> {target}")
 
