@@ -369,7 +369,10 @@ class ICLClassifier(BaseEstimator):
                 for q, ids, c in zip(queries, demo_ids, cands)
             ]
         ctx = RankContext(self.lm_, queries, cands, prompts, self.builder_, self.pool_)
-        rankings = self.ranker_.rank(ctx) if cands else []
+        ranker = self.ranker_
+        if prompts and not getattr(ranker, "reads_images", False) and any(q.example.images for q in queries):
+            ranker = RANKERS.get("chat")  # images reach the LM only through its chat API
+        rankings = ranker.rank(ctx) if cands else []
         preds = []
         for i, (q, c, r) in enumerate(zip(queries, cands, rankings)):
             p = prompts[i] if prompts else None

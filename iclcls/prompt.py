@@ -93,6 +93,7 @@ class RenderedPrompt:
     tokens: int
     demonstrations: list[int]  # pool positions actually in the prompt, in order
     trace: dict = field(default_factory=dict)
+    messages: list[dict] | None = None  # the chat form (images as data URLs), when the LM reads images
 
 
 @dataclass
@@ -128,6 +129,60 @@ class PromptBuilder:
                 if self.class_summaries and self.summaries.get(c)
             ],
         )
+
+    def messages(self, query: Example, demonstrations: Sequence[Example], candidates: Sequence[str]) -> list[dict]:
+        """The prompt as one OpenAI-format user message (ManyICL's layout): instructions and
+        candidates, then each demonstration's images (as data URLs) and text followed by its
+        label, then the query's images and text and the label prefix to complete."""
+        from iclcls.lm.common import image_to_url
+
+        def example_parts(ex: Example) -> list[dict]:
+            parts: list[dict] = [{"type": "image_url", "image_url": {"url": image_to_url(img)}} for img in ex.images]
+            text = ex.text[: self.max_query_chars]
+            if text.strip():
+                parts.append({"type": "text", "text": f"{self.input_prefix}{text}\n"})
+            return parts
+
+        head = self.instructions
+        if self.show_candidates and candidates:
+            head += "\nPossible labels: " + ", ".join(self.verbalize(c) for c in candidates)
+        parts: list[dict] = [{"type": "text", "text": head + "\n"}]
+        for d in demonstrations:
+            parts += example_parts(d)
+            parts.append({"type": "text", "text": f"{self.label_prefix} {', '.join(self.verbalize(lab) for lab in d.labels)}\n"})
+        parts += example_parts(query)
+        parts.append({"type": "text", "text": self.label_prefix})
+        return [{"role": "user", "content": parts}]
+
+    def build_messages(
+        self,
+        query: Example,
+        demo_ids: Sequence[int],
+        pool_examples: Sequence[Example],
+        candidates: Sequence[str],
+        *,
+        count_tokens: Callable[[list[dict]], int] | None = None,
+        budget: int | None = None,
+    ) -> RenderedPrompt:
+        """Chat messages (``RenderedPrompt.messages``), dropping demonstrations from the front
+        until ``count_tokens(messages)`` (image tokens included) fits ``budget``."""
+        ids = list(demo_ids)
+        msgs = self.messages(query, [pool_examples[i] for i in ids], candidates)
+        n, trace = 0, {}
+        if count_tokens is not None and budget is not None:
+            n = count_tokens(msgs)
+            dropped = 0
+            while n > budget and ids:
+                ids = ids[1:]
+                dropped += 1
+                msgs = self.messages(query, [pool_examples[i] for i in ids], candidates)
+                n = count_tokens(msgs)
+            if dropped:
+                trace["dropped_demonstrations"] = dropped
+            if n > budget:
+                raise ValueError(f"the chat prompt needs {n} tokens with no demonstrations, over the budget of {budget}")
+        text = "".join(p.get("text", "<image>") for p in msgs[0]["content"])
+        return RenderedPrompt(text, n, ids, trace, messages=msgs)
 
     def build(
         self,

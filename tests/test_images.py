@@ -227,3 +227,108 @@ def test_clip_embedder_embeds_text_images_and_both(tiny_clip, digits):
     clf = ICLClassifier(embedder=emb, shortlist="knn_vote", rank="retriever", select=None, shots=0, show_progress=False)
     clf.fit(pool)
     assert set(clf.predict_labels(test[:20])) <= {str(d) for d in range(10)}
+
+
+# -- prompt and rank with images ------------------------------------------------------
+IMAGE_TOKENS = 16  # the tiny VLM: 16x16 images, 4x4 patches, CLS dropped
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A LLaVA with tiny random weights (CLIP vision tower, Llama text model) and SmolLM2's
+    tokenizer plus an <image> token, built from configs and saved as an HF folder."""
+    import torch
+    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from iclcls.lm.convert import hf_dir_for
+
+    d = tmp_path_factory.mktemp("tiny-llava")
+    tok = AutoTokenizer.from_pretrained(hf_dir_for("smollm2"))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}"
+        "{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
+                          chat_template=template, num_additional_image_tokens=1)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=16, patch_size=4),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id, tie_word_embeddings=True),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(d)
+    proc.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def vlm(tiny_vlm):
+    from iclcls.lm import get_lm
+
+    return get_lm(f"hf:{tiny_vlm}")
+
+
+def test_prompt_messages_interleave_image_demonstrations_with_labels(digits):
+    from iclcls.prompt import PromptBuilder
+
+    b = PromptBuilder()
+    msgs = b.messages(Example(image=digits[2].images[0]), digits[:2], ["0", "1", "2"])
+    assert len(msgs) == 1 and msgs[0]["role"] == "user"
+    kinds = [p["type"] if p["type"] == "image_url" else p["text"].strip() for p in msgs[0]["content"]]
+    assert kinds[1:] == ["image_url", "Label: 0", "image_url", "Label: 1", "image_url", "Label:"]
+    assert "Possible labels: 0, 1, 2" in kinds[0]
+    url = msgs[0]["content"][1]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    import base64
+
+    assert base64.b64decode(url.split(",", 1)[1]) == digits[0].images[0]
+
+
+def test_the_image_reaches_the_vlm(vlm, digits):
+    from iclcls.lm.hf_vision import TransformersVLM
+
+    assert isinstance(vlm, TransformersVLM)
+    b_img = [{"type": "image", "image": digits[0].images[0]}, {"type": "image", "image": digits[1].images[0]}]
+    text = [{"type": "text", "text": "Which digit?"}]
+    with_images = [{"role": "user", "content": text + b_img}]
+    without = [{"role": "user", "content": text}]
+    # each <image> placeholder becomes the vision tower's tokens: prompt length says they are in
+    assert vlm.count_chat_tokens(with_images) - vlm.count_chat_tokens(without) == 2 * IMAGE_TOKENS
+    a, b = vlm.score_chat([[{"role": "user", "content": text + b_img[:1]}],
+                           [{"role": "user", "content": text + b_img[1:]}]], ["3"])
+    assert not np.allclose(a[0], b[0])  # a different image gives a different answer distribution
+
+
+def test_constrained_chat_answers_are_always_labels(vlm, digits):
+    labels = ["zero", "one", "two", "three", "10"]
+    convs = [[{"role": "user", "content": [{"type": "image", "image": e.images[0]}, {"type": "text", "text": "Label:"}]}]
+             for e in digits[:6]]
+    answers = vlm.chat(convs, choices=labels)
+    assert len(answers) == 6 and set(answers) <= set(labels)
+    free = vlm.chat(convs[:1], max_tokens=3)  # unconstrained generation runs too (random weights: any text)
+    assert isinstance(free[0], str)
+
+
+def test_classifier_ranks_image_queries_through_the_vlm_chat(vlm, digits):
+    from iclcls.classifier import ICLClassifier
+
+    pool, test = split(digits, 2)
+    clf = ICLClassifier(lm=vlm, embedder="pixels", shortlist="knn_vote", shortlist_k=4, select="knn", shots=3,
+                        rank="likelihood", show_progress=False)
+    clf.fit(pool, tune="none")
+    preds = clf.predict(test[:4])
+    for p in preds:
+        assert p.trace["rank"] == "chat" and p.trace["chat_constrained"]
+        assert p.label in p.candidates and p.trace["chat_answer"] == p.label
+        assert p.trace["chat_prompt_tokens"] > (p.trace["chat_demonstrations"] + 1) * IMAGE_TOKENS

@@ -88,8 +88,14 @@ class TransformersLM(BaseLM):
         return choose_suffix_mode(mode, attn_impl=self._attn_impl, kinds=self._layer_kinds, name=self.name)
 
     @classmethod
-    def from_name(cls, name: str = "smollm2", **options: Any) -> TransformersLM:
-        """``smollm2`` (default), ``gemma3-270m``, a local dir/GGUF file, or an HF model id."""
+    def from_name(cls, name: str = "smollm2", **options: Any) -> BaseLM:
+        """``smollm2`` (default), ``gemma3-270m``, a local dir/GGUF file, or an HF model id.
+        A local folder of a vision-language model (its config has a vision tower) loads as
+        :class:`~iclcls.lm.hf_vision.TransformersVLM`, which reads images in ``chat``."""
+        from iclcls.lm.hf_vision import TransformersVLM, is_vision_model_dir
+
+        if is_vision_model_dir(name):
+            return TransformersVLM(name, **options)
         return cls(name, **options)
 
     # ---- sizes -------------------------------------------------------------------------

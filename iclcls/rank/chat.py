@@ -1,0 +1,72 @@
+"""Chat ranking: the LM reads the prompt as chat messages (images as data URLs, ManyICL's
+layout) and answers with one of the shortlisted labels.
+
+Constrained where the backend can (``chat(..., choices=...)``: per-label scoring in the
+transformers VLM backend), so the answer is always a candidate; otherwise the free answer
+is mapped exactly or case-insensitively, and an unmappable one falls back to retriever
+order, flagged in the trace. The chosen label comes first, the other candidates follow in
+retriever order. The classifier uses this ranker for any batch with images when its own
+ranker reads text only.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+from iclcls.rank.base import RANKERS, BaseRanker, RankContext, Ranking
+
+
+def accepts_choices(lm: object) -> bool:
+    try:
+        return "choices" in inspect.signature(lm.chat).parameters  # type: ignore[attr-defined]
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+@RANKERS.register("chat")
+class ChatRanker(BaseRanker):
+    reads_images = True
+
+    def __init__(self, *, max_tokens: int = 16, label_token_reserve: int = 32) -> None:
+        self.max_tokens = max_tokens
+        self.label_token_reserve = label_token_reserve
+
+    def rank(self, ctx: RankContext) -> list[Ranking]:
+        lm = ctx.lm
+        if lm is None:
+            raise ValueError("the chat ranker needs an LM")
+        count = getattr(lm, "count_chat_tokens", None)
+        budget = lm.context_window - max(self.label_token_reserve, self.max_tokens)
+        constrained = accepts_choices(lm)
+        out = []
+        for i, (q, cands) in enumerate(zip(ctx.queries, ctx.candidates)):
+            demo_ids = ctx.prompts[i].demonstrations if i < len(ctx.prompts) else []
+            rp = ctx.builder.build_messages(q.example, demo_ids, ctx.pool.examples, cands.labels,
+                                            count_tokens=count, budget=budget if count is not None else None)
+            verbal = {ctx.builder.verbalize(lab): lab for lab in cands.labels}
+            if constrained:
+                answer = lm.chat([rp.messages], choices=list(verbal), max_tokens=self.max_tokens)[0]
+            else:
+                answer = lm.chat([rp.messages], max_tokens=self.max_tokens, stop=["\n"])[0]
+            chosen = self._map(answer, verbal)
+            rest = [lab for lab in cands.labels if lab != chosen]
+            labels = ([chosen] if chosen else []) + rest
+            scores = np.array(([1.0] if chosen else []) + [-1.0 - j for j in range(len(rest))])
+            trace = {"rank": "chat", "chat_answer": answer, "chat_constrained": constrained,
+                     "chat_prompt_tokens": rp.tokens, "chat_demonstrations": len(rp.demonstrations), **rp.trace}
+            if not chosen:
+                trace["chat_fallback"] = "retriever order"
+            out.append(Ranking(labels, scores, trace))
+        return out
+
+    @staticmethod
+    def _map(answer: str, verbal: dict[str, str]) -> str | None:
+        text = answer.strip().split("\n")[0].strip().strip(".\"'` ")
+        if text in verbal:
+            return verbal[text]
+        if text in verbal.values():
+            return text
+        lower = {k.lower(): v for k, v in verbal.items()} | {v.lower(): v for v in verbal.values()}
+        return lower.get(text.lower())
