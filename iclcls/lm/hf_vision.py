@@ -25,10 +25,19 @@ from iclcls.lm.hf_generate import cut_at_stop
 
 
 def is_vision_model_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a local model folder whose config has a vision tower."""
+    """Whether ``path`` is a local model folder, or a Hugging Face id ("org/name", not a local
+    path), whose config has a vision tower."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
-        return False
+        name = str(path)
+        if name.count("/") != 1 or Path(name).exists() or name.endswith(".gguf") or os.environ.get("HF_HUB_OFFLINE") == "1":
+            return False
+        try:
+            from transformers import AutoConfig
+
+            return hasattr(AutoConfig.from_pretrained(name), "vision_config")
+        except Exception:  # unknown id, no network: the text loader reports it
+            return False
     import json
 
     try:
