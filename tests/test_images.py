@@ -181,32 +181,9 @@ def test_pixel_knn_on_digits_is_accurate(digits):
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     """A CLIP with tiny random weights and a 74-token character vocabulary, saved as an HF folder."""
-    import string
+    from iclcls.lm.tiny import tiny_clip
 
-    import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    d = tmp_path_factory.mktemp("tiny-clip")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    chars = list(string.ascii_lowercase + string.digits)
-    for c in chars + [c + "</w>" for c in chars]:
-        vocab.setdefault(c, len(vocab))
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(d)
-    tok = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(d)
-    return d
+    return tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def test_clip_embedder_embeds_text_images_and_both(tiny_clip, digits):
@@ -237,39 +214,10 @@ IMAGE_TOKENS = 16  # the tiny VLM: 16x16 images, 4x4 patches, CLS dropped
 def tiny_vlm(tmp_path_factory) -> Path:
     """A LLaVA with tiny random weights (CLIP vision tower, Llama text model) and SmolLM2's
     tokenizer plus an <image> token, built from configs and saved as an HF folder."""
-    import torch
-    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from iclcls.lm.tiny import LLAVA_IMAGE_TOKENS, tiny_llava
 
-    from iclcls.lm.convert import hf_dir_for
-
-    d = tmp_path_factory.mktemp("tiny-llava")
-    tok = AutoTokenizer.from_pretrained(hf_dir_for("smollm2"))
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-        "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}"
-        "{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
-                          chat_template=template, num_additional_image_tokens=1)
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                       image_size=16, patch_size=4),
-        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                pad_token_id=tok.pad_token_id, tie_word_embeddings=True),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(cfg).save_pretrained(d)
-    proc.save_pretrained(d)
-    return d
+    assert LLAVA_IMAGE_TOKENS == IMAGE_TOKENS
+    return tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
 
 
 @pytest.fixture(scope="session")
@@ -328,7 +276,14 @@ def test_classifier_ranks_image_queries_through_the_vlm_chat(vlm, digits):
                         rank="likelihood", show_progress=False)
     clf.fit(pool, tune="none")
     preds = clf.predict(test[:4])
-    for p in preds:
-        assert p.trace["rank"] == "chat" and p.trace["chat_constrained"]
-        assert p.label in p.candidates and p.trace["chat_answer"] == p.label
+    for p in preds:  # ranked by each candidate's log-likelihood as the reply, images in the prompt
+        assert p.trace["rank"] == "chat" and p.trace["chat_scored"]
+        assert sorted(p.labels) == sorted(p.candidates) and list(p.scores) == sorted(p.scores, reverse=True)
         assert p.trace["chat_prompt_tokens"] > (p.trace["chat_demonstrations"] + 1) * IMAGE_TOKENS
+    # constrained generation (chat with choices) gives the top label of that ranking
+    clf.set_params(rank={"name": "chat", "scored": False})
+    clf.fit(pool, tune="none")
+    again = clf.predict(test[:4])
+    for p, q in zip(again, preds):
+        assert p.trace["chat_constrained"] and not p.trace["chat_scored"]
+        assert p.label == q.label and p.trace["chat_answer"] == p.label

@@ -1,8 +1,10 @@
 """Chat ranking: the LM reads the prompt as chat messages (images as data URLs, ManyICL's
 layout) and answers with one of the shortlisted labels.
 
-Constrained where the backend can (``chat(..., choices=...)``: per-label scoring in the
-transformers VLM backend), so the answer is always a candidate; otherwise the free answer
+Where the LM exposes ``score_chat`` (the transformers VLM backend) every candidate is scored
+as the reply (its log-likelihood, images in the prompt) and the candidates are ranked by it.
+Else constrained where the backend can (``chat(..., choices=...)``), so the answer is always a
+candidate; otherwise the free answer
 is mapped exactly or case-insensitively, and an unmappable one falls back to retriever
 order, flagged in the trace. The chosen label comes first, the other candidates follow in
 retriever order. The classifier uses this ranker for any batch with images when its own
@@ -29,8 +31,9 @@ def accepts_choices(lm: object) -> bool:
 class ChatRanker(BaseRanker):
     reads_images = True
 
-    def __init__(self, *, max_tokens: int = 16, label_token_reserve: int = 32) -> None:
+    def __init__(self, *, max_tokens: int = 16, label_token_reserve: int = 32, scored: bool = True) -> None:
         self.max_tokens = max_tokens
+        self.scored = scored  # rank every candidate by its log-likelihood where the LM has score_chat
         self.label_token_reserve = label_token_reserve
 
     def rank(self, ctx: RankContext) -> list[Ranking]:
@@ -40,21 +43,30 @@ class ChatRanker(BaseRanker):
         count = getattr(lm, "count_chat_tokens", None)
         budget = lm.context_window - max(self.label_token_reserve, self.max_tokens)
         constrained = accepts_choices(lm)
+        scorer = getattr(lm, "score_chat", None) if self.scored else None
         out = []
         for i, (q, cands) in enumerate(zip(ctx.queries, ctx.candidates)):
             demo_ids = ctx.prompts[i].demonstrations if i < len(ctx.prompts) else []
             rp = ctx.builder.build_messages(q.example, demo_ids, ctx.pool.examples, cands.labels,
                                             count_tokens=count, budget=budget if count is not None else None)
             verbal = {ctx.builder.verbalize(lab): lab for lab in cands.labels}
-            if constrained:
-                answer = lm.chat([rp.messages], choices=list(verbal), max_tokens=self.max_tokens)[0]
+            if scorer is not None:  # every candidate's log-likelihood as the reply: a full ranking
+                lp = np.array([float(np.sum(t)) for t in scorer([rp.messages], list(verbal))[0]])
+                order = np.argsort(-lp, kind="stable")
+                labels, scores = [cands.labels[j] for j in order], lp[order]
+                answer = ctx.builder.verbalize(labels[0])
+                chosen: str | None = labels[0]
             else:
-                answer = lm.chat([rp.messages], max_tokens=self.max_tokens, stop=["\n"])[0]
-            chosen = self._map(answer, verbal)
-            rest = [lab for lab in cands.labels if lab != chosen]
-            labels = ([chosen] if chosen else []) + rest
-            scores = np.array(([1.0] if chosen else []) + [-1.0 - j for j in range(len(rest))])
-            trace = {"rank": "chat", "chat_answer": answer, "chat_constrained": constrained,
+                if constrained:
+                    answer = lm.chat([rp.messages], choices=list(verbal), max_tokens=self.max_tokens)[0]
+                else:
+                    answer = lm.chat([rp.messages], max_tokens=self.max_tokens, stop=["\n"])[0]
+                chosen = self._map(answer, verbal)
+                rest = [lab for lab in cands.labels if lab != chosen]
+                labels = ([chosen] if chosen else []) + rest
+                scores = np.array(([1.0] if chosen else []) + [-1.0 - j for j in range(len(rest))])
+            trace = {"rank": "chat", "chat_answer": answer, "chat_constrained": constrained or scorer is not None,
+                     "chat_scored": scorer is not None,
                      "chat_prompt_tokens": rp.tokens, "chat_demonstrations": len(rp.demonstrations), **rp.trace}
             if not chosen:
                 trace["chat_fallback"] = "retriever order"
