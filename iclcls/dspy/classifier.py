@@ -59,6 +59,7 @@ class DSPyIReRaClassifier(BaseEstimator):
         if program != PROGRAM_NAME:
             raise ValueError(f"classifier.program is {program!r}, expected {PROGRAM_NAME!r}")
         spec.pop("dspy", None)  # compile options: used by `iclcls compile`, not here
+        spec.pop("tune", None)  # the program was tuned when it was compiled
         known = set(cls().get_params())
         unknown = sorted(k for k, v in spec.items() if k not in known and v is not None)
         if unknown:

@@ -253,7 +253,9 @@ def optimize(program: Any, opt: OptimizerOptions, train: Sequence[Any], val: Seq
             )
             kwargs: dict[str, Any] = {"minibatch": len(valset) > 35}
             if opt.num_trials is not None:
-                kwargs["num_trials"] = opt.num_trials
+                # A tiny budget: no dataset summary (many LM calls) and no program summary (the
+                # proposer reads the program's source: thousands of prompt tokens per call).
+                kwargs.update(num_trials=opt.num_trials, data_aware_proposer=False, program_aware_proposer=False)
             compiled = tp.compile(program, trainset=trainset, valset=valset, **kwargs)
     report["seconds"] = round(time.time() - t0, 1)
     report["lm_calls"] = {s: c["lm_calls"] for s, c in program.stats.counts.items()}
