@@ -597,7 +597,7 @@ class ICLClassifier(BaseEstimator):
                 f"{d}: saved with embedder {cfg.get('embedder_name')!r} but loading with {clf.embedder_.name!r}; "
                 "pass embedder= the same model"
             )
-        clf.pool_ = Pool.load(d / "pool", clf.embedder_, require_checksum=not trust)
+        clf.pool_ = Pool.load(d / "pool", clf.embedder_, require_checksum=not trust, trust=trust)
         states = {}
         for key, info in cfg.get("stages", {}).items():
             if info:

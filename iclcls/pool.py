@@ -103,11 +103,15 @@ class Pool:
             self.index.save(d / "index.faiss")
 
     @classmethod
-    def load(cls, directory: str | Path, embedder: Embedder, *, require_checksum: bool = True) -> Pool:
+    def load(
+        cls, directory: str | Path, embedder: Embedder, *, require_checksum: bool = True, trust: bool = False
+    ) -> Pool:
         """Read a saved pool; the faiss index must match the size and SHA-256 recorded at save
         (``require_checksum=False`` accepts an older state that recorded none). Images come
         back as bytes from the state's own ``images/`` folder, checked against their SHA-256;
-        nothing outside the state's folder is read."""
+        nothing outside the state's folder is read. An image named by a local path or an
+        http(s) URL (a state this code did not write) is refused unless ``trust``: it would be
+        read, or fetched by the LM server, when the example is shown as a demonstration."""
         d = Path(directory)
         pool = cls(embedder, LabelSpace.load(d / "labels.json"))
         path = d / "examples.jsonl"
@@ -117,7 +121,11 @@ class Pool:
         for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
             if line.strip():
                 try:
-                    examples.append(Example.from_dict(json.loads(line), load_image=lambda r: _read_stored_image(d, r)))
+                    ex = Example.from_dict(json.loads(line), load_image=lambda r: _read_stored_image(d, r))
+                    outside = next((i for i in ex.images if isinstance(i, str) and not i.startswith("data:")), None)
+                    if outside is not None and not trust:
+                        raise ValueError(f"names the image {outside[:200]!r} outside the state (load it with trust=True)")
+                    examples.append(ex)
                 except (ValueError, KeyError, TypeError, OSError) as e:
                     raise ValueError(f"{path}, line {n}: bad example: {e}") from None
         embeddings = load_npy(d / "embeddings.npy")

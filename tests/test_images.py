@@ -136,6 +136,13 @@ def test_pool_save_load_keeps_images_bit_for_bit_and_reads_only_its_folder(tmp_p
     (tmp_path / "state" / "examples.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match="line 1.*not inside"):
         Pool.load(tmp_path / "state", get_embedder("pixels"))
+    # a local path (or an http URL) in a state is refused unless the caller trusts the state
+    rec["images"] = [str(tmp_path / "seven.png")]
+    (tmp_path / "state" / "examples.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    (tmp_path / "state" / "images" / hashlib.sha256(png(1)).hexdigest()).write_bytes(png(1))
+    with pytest.raises(ValueError, match="line 1.*outside the state.*trust=True"):
+        Pool.load(tmp_path / "state", get_embedder("pixels"))
+    assert Pool.load(tmp_path / "state", get_embedder("pixels"), trust=True).examples[0].images == (str(tmp_path / "seven.png"),)
 
 
 def test_classifier_with_pixels_saves_and_loads(digits, tmp_path):
