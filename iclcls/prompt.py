@@ -130,28 +130,45 @@ class PromptBuilder:
             ],
         )
 
-    def messages(self, query: Example, demonstrations: Sequence[Example], candidates: Sequence[str]) -> list[dict]:
-        """The prompt as one OpenAI-format user message (ManyICL's layout): instructions and
-        candidates, then each demonstration's images (as data URLs) and text followed by its
-        label, then the query's images and text and the label prefix to complete."""
+    def _example_parts(self, ex: Example) -> list[dict]:
+        """An example's images (data URLs) then its text, as chat message parts."""
         from iclcls.lm.common import image_to_url
 
-        def example_parts(ex: Example) -> list[dict]:
-            parts: list[dict] = [{"type": "image_url", "image_url": {"url": image_to_url(img)}} for img in ex.images]
-            text = ex.text[: self.max_query_chars]
-            if text.strip():
-                parts.append({"type": "text", "text": f"{self.input_prefix}{text}\n"})
-            return parts
+        parts: list[dict] = [{"type": "image_url", "image_url": {"url": image_to_url(img)}} for img in ex.images]
+        text = ex.text[: self.max_query_chars]
+        if text.strip():
+            parts.append({"type": "text", "text": f"{self.input_prefix}{text}\n"})
+        return parts
 
+    def _head_parts(self, demonstrations: Sequence[Example], candidates: Sequence[str]) -> list[dict]:
         head = self.instructions
         if self.show_candidates and candidates:
             head += "\nPossible labels: " + ", ".join(self.verbalize(c) for c in candidates)
         parts: list[dict] = [{"type": "text", "text": head + "\n"}]
         for d in demonstrations:
-            parts += example_parts(d)
+            parts += self._example_parts(d)
             parts.append({"type": "text", "text": f"{self.label_prefix} {', '.join(self.verbalize(lab) for lab in d.labels)}\n"})
-        parts += example_parts(query)
+        return parts
+
+    def messages(self, query: Example, demonstrations: Sequence[Example], candidates: Sequence[str]) -> list[dict]:
+        """The prompt as one OpenAI-format user message (ManyICL's layout): instructions and
+        candidates, then each demonstration's images (as data URLs) and text followed by its
+        label, then the query's images and text and the label prefix to complete."""
+        parts = self._head_parts(demonstrations, candidates) + self._example_parts(query)
         parts.append({"type": "text", "text": self.label_prefix})
+        return [{"role": "user", "content": parts}]
+
+    def batch_messages(self, queries: Sequence[Example], demonstrations: Sequence[Example],
+                       candidates: Sequence[str]) -> list[dict]:
+        """Several queries in one message after one copy of the demonstrations (ManyICL's query
+        batching); the LM answers ``N: label`` lines."""
+        parts = self._head_parts(demonstrations, candidates)
+        parts.append({"type": "text", "text": "Label each numbered input below. Answer with one line per input: "
+                                              "its number, a colon, and its label.\n"})
+        for n, q in enumerate(queries, 1):
+            parts.append({"type": "text", "text": f"{n}.\n"})
+            parts += self._example_parts(q)
+        parts.append({"type": "text", "text": "Answers:\n1:"})
         return [{"role": "user", "content": parts}]
 
     def build_messages(

@@ -294,3 +294,35 @@ def test_classifier_ranks_image_queries_through_the_vlm_chat(vlm, digits):
     for p, q in zip(again, preds):
         assert p.trace["chat_constrained"] and not p.trace["chat_scored"]
         assert p.label == q.label and p.trace["chat_answer"] == p.label
+
+
+def test_batched_chat_puts_several_query_images_in_one_call(digits):
+    """Control flow of ManyICL's query batching (a scripted LM: parsing, mapping, fallback)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scripted_lm import ScriptedLM
+
+    from iclcls.classifier import ICLClassifier
+
+    pool, test = split(digits, 2)
+    lm = ScriptedLM(answers=[" 3\n2: `5`.\n3: a cat"])
+    clf = ICLClassifier(lm=lm, embedder="pixels", shortlist="all", select="fixed", shots=2, show_progress=False,
+                        rank={"name": "batched_chat", "queries_per_call": 3, "retries": 0})
+    clf.fit(pool, tune="none")
+    preds = clf.predict(test[:3])
+    assert len(lm.prompts) == 1  # one call for three queries
+    assert lm.prompts[0].count("data:image/png;base64,") == 2 + 3  # the demonstrations once, then each query
+    assert [p.label for p in preds[:1]] == ["3"] and preds[1].label == "5"
+    assert preds[2].trace.get("batch_fallback") and preds[2].label == preds[2].candidates[0]
+
+
+def test_batched_chat_through_the_vlm(vlm, digits):
+    from iclcls.classifier import ICLClassifier
+
+    pool, test = split(digits, 2)
+    clf = ICLClassifier(lm=vlm, embedder="pixels", shortlist="knn_vote", shortlist_k=3, select="fixed", shots=2,
+                        show_progress=False, rank={"name": "batched_chat", "queries_per_call": 2, "retries": 0})
+    clf.fit(pool, tune="none")
+    preds = clf.predict(test[:4])
+    assert all(p.label in {str(d) for d in range(10)} and p.trace["attempts"] == 1 for p in preds)

@@ -18,6 +18,7 @@ import inspect
 import numpy as np
 
 from iclcls.rank.base import RANKERS, BaseRanker, RankContext, Ranking
+from iclcls.rank.query_batch import BatchedGenerativeRanker, parse_indexed
 
 
 def accepts_choices(lm: object) -> bool:
@@ -82,3 +83,38 @@ class ChatRanker(BaseRanker):
             return text
         lower = {k.lower(): v for k, v in verbal.items()} | {v.lower(): v for v in verbal.values()}
         return lower.get(text.lower())
+
+
+@RANKERS.register("batched_chat")
+class BatchedChatRanker(BatchedGenerativeRanker):
+    """ManyICL's query batching with images: ``queries_per_call`` queries that share their
+    demonstrations go in one chat message (:meth:`PromptBuilder.batch_messages`); the LM
+    answers ``N: label`` lines, mapped exactly or case-insensitively (an image embedder cannot
+    embed a written answer); unanswered queries are asked again in smaller batches, then fall
+    back to retriever order, as in ``batched_generative``."""
+
+    reads_images = True
+
+    def _ask(self, ctx: RankContext, members: list[int]) -> tuple[dict[int, list], dict[int, str]]:
+        chunks = [members[i : i + self.queries_per_call] for i in range(0, len(members), self.queries_per_call)]
+        b = ctx.builder
+        convs = []
+        for ch in chunks:
+            demos = [ctx.pool.examples[i] for i in ctx.prompts[ch[0]].demonstrations]
+            cands: list[str] = []
+            for qi in ch:
+                cands += [lab for lab in ctx.candidates[qi].labels if lab not in cands]
+            convs.append(b.batch_messages([ctx.queries[qi].example for qi in ch], demos, cands))
+        longest = max(len(ch) for ch in chunks)
+        texts = ctx.lm.chat(convs, max_tokens=self.max_tokens_per_query * longest + 4, temperature=0.0)
+        mapped, raw = {}, {}
+        for ch, text in zip(chunks, texts):
+            answers = parse_indexed("1:" + text, len(ch))
+            for pos, qi in enumerate(ch, 1):
+                if pos in answers:
+                    raw[qi] = answers[pos]
+                    verbal = {b.verbalize(lab): lab for lab in ctx.pool.labels}
+                    lab = ChatRanker._map(answers[pos], verbal)
+                    if lab:
+                        mapped[qi] = [(lab, 1.0, "exact")]
+        return mapped, raw
