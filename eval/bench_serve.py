@@ -254,6 +254,9 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="folder for the fitted states and logs (default: a temp folder)")
     ap.add_argument("--quick", action="store_true", help="3-second runs at C=1,4, no restart check: a smoke test")
+    ap.add_argument("--skip-retriever", action="store_true", help="only the runs with the LM")
+    ap.add_argument("--adding-only", action="store_true", help="only the runs with additions")
+    ap.add_argument("--merge", action="store_true", help="replace matching rows of an existing --out, keep the rest")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
     if a.quick:
@@ -270,14 +273,21 @@ def main() -> None:
     texts = [ex.text for ex in load_benchmark("banking77", data_dir=a.data_dir).test]
     adds = new_classes(a.data_dir)
     rows = []
-    plan = [("retriever", None, c, adding, True, a.duration) for c in a.clients for adding in (False, True)]
+    plan = [] if a.skip_retriever else [("retriever", None, c, adding, True, a.duration) for c in a.clients for adding in (False, True)]
     if not a.skip_lm:
         plan += [("smollm2", "smollm2", c, adding, True, a.lm_duration) for c in a.clients for adding in (False, True)]
         plan.append(("smollm2", "smollm2", max(a.clients), False, False, a.lm_duration))
+    if a.adding_only:
+        plan = [p for p in plan if p[3]]
     for k, (state_key, lm, c, adding, batching, dur) in enumerate(plan):
         name = f"{state_key}-c{c}-{'add' if adding else 'noadd'}-{'batch' if batching else 'nobatch'}"
         rows.append(run_one(states[state_key], work, name=name, clients=c, lm=lm, adding=adding, batching=batching,
                             duration=dur, texts=texts, adds=adds, env=env, restart_check=not a.quick, seed=k))
+    if a.merge and a.out.exists():
+        key = lambda r: (r["clients"], r["lm"], r["adding"], r["batching"])  # noqa: E731
+        fresh = {key(r) for r in rows}
+        rows = [r for r in json.loads(a.out.read_text())["rows"] if key(r) not in fresh] + rows
+        rows.sort(key=lambda r: (r["lm"] != "none", not r["batching"], r["clients"], r["adding"]))
     lm_rows = {r["batching"]: r for r in rows if r["lm"] != "none" and r["clients"] == max(a.clients) and not r["adding"]}
     speedup = (lm_rows[True]["rps"] / lm_rows[False]["rps"]) if len(lm_rows) == 2 and lm_rows[False]["rps"] else None
     import torch

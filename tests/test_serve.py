@@ -198,19 +198,38 @@ def test_classify_add_a_class_live_and_classify_with_it(serve, banking):
 
 
 @pytest.mark.slow
-def test_page_docs_and_errors(serve):
-    srv = serve("--max-texts", "4", "--max-text-chars", "200", "--max-examples", "5", "--max-body-bytes", "20000")
+def test_page_docs_auth_and_limits(serve):
+    key = "s3cret-key"
+    srv = serve("--api-key-env", "ICLCLS_TEST_KEY", "--max-texts", "4", "--max-text-chars", "200", "--max-examples", "5",
+                "--max-body-bytes", "20000", env={"ICLCLS_TEST_KEY": key})
+    # the page, its script, the docs and health hold no data: open without the key
     page = httpx.get(srv.url + "/")
     assert page.status_code == 200 and 'id="classify"' in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert httpx.get(srv.url + "/static/app.js").status_code == 200
     docs = httpx.get(srv.url + "/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert httpx.get(srv.url + "/static/docs/swagger-ui-bundle.js").status_code == 200  # served, not from a CDN
     spec = httpx.get(srv.url + "/openapi.json").json()
     assert {"/v1/classify", "/v1/classes"} <= set(spec["paths"])
+    assert httpx.get(srv.url + "/healthz").status_code == 200
+
+    # Bearer auth on the API and /metrics: 401 without (or with another scheme), 403 with a wrong key
+    body = {"texts": ["where is my card"]}
+    missing = httpx.post(srv.url + "/v1/classify", json=body)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+    assert missing.json()["error"]["status"] == 401
+    assert httpx.post(srv.url + "/v1/classify", json=body, headers={"Authorization": "Basic czNjcmV0"}).status_code == 401
+    assert httpx.post(srv.url + "/v1/classify", json=body, headers={"Authorization": "Bearer s3cret-kez"}).status_code == 403
+    for path in ("/v1/classes", "/metrics"):
+        assert httpx.get(srv.url + path).status_code == 401
+    assert httpx.post(srv.url + "/v1/classify", json={"bad": 1}).status_code == 401  # credentials before the body
+    ok = {"Authorization": f"Bearer {key}"}
+    assert httpx.post(srv.url + "/v1/classify", json=body, headers=ok).status_code == 200
+    assert httpx.get(srv.url + "/metrics", headers=ok).status_code == 200
 
     def post(path, body=None, **kw):
-        r = httpx.post(srv.url + path, json=body, **kw)
+        r = httpx.post(srv.url + path, json=body, headers={**ok, **kw.pop("headers", {})}, **kw)
         assert r.headers["content-type"].startswith("application/json")
         assert r.json()["error"]["status"] == r.status_code and r.json()["error"]["message"]
         return r
@@ -221,7 +240,7 @@ def test_page_docs_and_errors(serve):
     assert post("/v1/classes", {"examples": [{"text": "t", "label": "l"}] * 6}).status_code == 413
     assert post("/v1/classify", {"texts": ["x" * 30000]}).status_code == 413  # over --max-body-bytes
     chunked = httpx.post(srv.url + "/v1/classify", content=iter([b'{"texts": ["', b"y" * 25000, b'"]}']),
-                         headers={"content-type": "application/json"})
+                         headers={**ok, "content-type": "application/json"})
     assert chunked.status_code == 413
     for bad in (
         {},
@@ -240,26 +259,8 @@ def test_page_docs_and_errors(serve):
     ):
         assert post("/v1/classes", bad).status_code == 422, bad
     assert post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
-    assert _classes(srv) == {c: PER_CLASS for c in BASE}  # nothing refused was added
-
-
-@pytest.mark.slow
-def test_api_key(serve):
-    srv = serve("--api-key-env", "ICLCLS_TEST_KEY", env={"ICLCLS_TEST_KEY": "s3cret-key"})
-    body = {"texts": ["where is my card"]}
-    missing = httpx.post(srv.url + "/v1/classify", json=body)
-    assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
-    assert httpx.post(srv.url + "/v1/classify", json=body, headers={"Authorization": "Basic czNjcmV0"}).status_code == 401
-    assert httpx.post(srv.url + "/v1/classify", json=body, headers={"Authorization": "Bearer s3cret-kez"}).status_code == 403
-    for path in ("/v1/classes", "/metrics"):
-        assert httpx.get(srv.url + path).status_code == 401
-    ok = {"Authorization": "Bearer s3cret-key"}
-    assert httpx.post(srv.url + "/v1/classify", json=body, headers=ok).status_code == 200
-    assert httpx.get(srv.url + "/v1/classes", headers=ok).status_code == 200
-    # a bad body from a stranger is refused for the credentials first
-    assert httpx.post(srv.url + "/v1/classify", json={"bad": 1}).status_code == 401
-    assert httpx.get(srv.url + "/healthz").status_code == 200  # the page and health hold no data
-    assert httpx.get(srv.url + "/").status_code == 200
+    listed = httpx.get(srv.url + "/v1/classes", headers=ok).json()
+    assert {c["label"]: c["examples"] for c in listed["classes"]} == {c: PER_CLASS for c in BASE}  # nothing refused was added
 
 
 @pytest.mark.slow

@@ -264,12 +264,16 @@ def create_app(live: LiveClassifier, settings: ServeSettings | None = None, *, a
         return Response(body, media_type=content_type)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """Liveness: answers once the state is loaded and the log replayed."""
-        return {"status": "ok"}
+    async def healthz() -> JSONResponse:
+        """Liveness: 200 once the state is loaded and the log replayed; 503 if an addition failed
+        to apply (then additions are stopped until a restart replays the log)."""
+        if live.failed:
+            return JSONResponse({"status": "failed"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     app.include_router(api)
 
+    _mount_docs(app)  # before /static: its assets live under /static/docs
     static = resources.files("iclcls.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
@@ -277,7 +281,6 @@ def create_app(live: LiveClassifier, settings: ServeSettings | None = None, *, a
     async def page() -> FileResponse:
         return FileResponse(str(static / "index.html"), media_type="text/html", headers=_PAGE_HEADERS)
 
-    _mount_docs(app)
     return metrics.wrap(Guard(app, api_key=api_key, max_body_bytes=s.max_body_bytes))
 
 

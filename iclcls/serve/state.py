@@ -11,8 +11,8 @@ On disk, next to the fitted state the service was started on (``--state DIR``)::
 Start: the newest complete snapshot (or DIR itself, seq 0), then every logged addition
 after its seq, in order. Concurrency: a writer-preferring readers-writer lock; predictions
 and snapshots read, additions write, so a prediction sees the state before or after an
-addition, never half of one. Additions are serialized by their own lock, which also keeps
-the log's order equal to the order of application.
+addition, never half of one. Additions are appended to the log one at a time and applied in
+log order (several at once when they queued behind a long prediction: group commit).
 """
 
 from __future__ import annotations
@@ -164,7 +164,9 @@ class LiveClassifier:
         self.snapshot_every = snapshot_every
         self.keep_snapshots = keep_snapshots
         self._rw = RWLock()
-        self._add_lock = threading.Lock()
+        self._log_lock = threading.Lock()  # log order == apply order; held only to append
+        self._pending: list[tuple[int, Addition]] = []  # logged, not yet applied
+        self.failed: str | None = None  # set if applying a logged addition raised
         self._snap_lock = threading.Lock()
         self._clean_partial_snapshots()
         source, self.snapshot_seq = self._latest_snapshot()
@@ -213,21 +215,47 @@ class LiveClassifier:
 
     # -- adding ----------------------------------------------------------------------------
     def add(self, addition: Addition) -> AddResult:
-        """Log (fsync), apply under the write lock, then return: the caller may acknowledge."""
-        with self._add_lock:
-            known = self.view.counts
-            new = sorted({ex.labels[0] for ex in addition.examples} - set(known))
+        """Log (fsync), apply under the write lock, then return: the caller may acknowledge.
+
+        Group commit: the log lock is held only for the append, and whoever next takes the
+        write lock applies every logged addition still pending, in log order. So additions
+        that arrive while a long prediction holds the read lock wait for that one prediction
+        together, instead of one prediction each.
+        """
+        if self.failed:
+            raise RuntimeError(f"additions are stopped: {self.failed}; restart the service (it replays the log)")
+        with self._log_lock:
+            pending_labels = {ex.labels[0] for _, a in self._pending for ex in a.examples}
+            new = sorted({ex.labels[0] for ex in addition.examples} - set(self.view.counts) - pending_labels)
             seq = self.wal.append(addition.record())
-            log.info("addition seq=%d logged (%d examples), applying", seq, len(addition.examples))
-            with self._rw.write():
-                self.clf.add_classes(addition.examples, descriptions=addition.descriptions)
-                self.applied_seq = seq
-                self.view = self._make_view()
-            log.info("addition seq=%d applied", seq)
-            if seq - self.snapshot_seq >= self.snapshot_every:
-                self._snap_wanted.set()
+            self._pending.append((seq, addition))
+        log.info("addition seq=%d logged (%d examples), applying", seq, len(addition.examples))
+        with self._rw.write():
+            self._apply_pending()
             v = self.view
-            return AddResult(seq, len(addition.examples), new, len(v.counts), v.pool_size)
+        if self.applied_seq < seq:
+            raise RuntimeError(self.failed or f"addition seq={seq} was not applied")
+        if seq - self.snapshot_seq >= self.snapshot_every:
+            self._snap_wanted.set()
+        return AddResult(seq, len(addition.examples), new, len(v.counts), v.pool_size)
+
+    def _apply_pending(self) -> None:
+        """Apply the logged, not yet applied additions in seq order (the write lock is held)."""
+        with self._log_lock:
+            todo, self._pending = self._pending, []
+        for seq, addition in todo:
+            if self.failed:
+                break
+            try:
+                self.clf.add_classes(addition.examples, descriptions=addition.descriptions)
+            except Exception as e:  # validated input should not fail; if it does, stop adding
+                self.failed = f"applying addition seq={seq} failed: {type(e).__name__}: {e}"
+                log.exception("applying addition seq=%d failed; additions are stopped", seq)
+                break
+            self.applied_seq = seq
+            log.info("addition seq=%d applied", seq)
+        if todo:
+            self.view = self._make_view()
 
     # -- snapshots -------------------------------------------------------------------------
     def _latest_snapshot(self) -> tuple[Path, int]:
