@@ -175,7 +175,7 @@ def test_score_order_does_not_matter_and_prefix_cache_is_reused(vllm_lm):
     first = vllm_lm.score_batch(REQUESTS)
     stats = vllm_lm.last_score_stats
     # LONG is > 128 tokens: it is prefilled once to warm the cache, then each of its 4
-    # continuations reads >= 1 cached block (128 tokens on CPU, 16 on a GPU).
+    # continuations reads >= 128 tokens from cached blocks (32-token blocks on CPU, 16 on a GPU).
     assert stats["warmed_prompts"] >= 1 and stats["rescored"] == 0, stats
     assert stats["cached_tokens"] >= 4 * 128, stats
     again = vllm_lm.score_batch(REQUESTS[::-1])[::-1]

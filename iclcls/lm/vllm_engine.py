@@ -116,7 +116,10 @@ class VLLMEngine(BaseLM):
 
     ``dtype="auto"`` means float32 on CPU and the model's dtype on a GPU; ``enforce_eager=None``
     means eager on CPU (compilation costs minutes there) and CUDA graphs on a GPU. On CPU the
-    KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB), set to 2 unless already set.
+    KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB), set to 2 unless already set,
+    and KV blocks hold 32 tokens (``block_size=``; vLLM's CPU default is 128).
+    ``in_process=None`` runs the engine in a worker process unless the calling script has no
+    ``__main__`` guard (see the module docstring).
     Extra keyword arguments go to ``vllm.LLM`` unchanged.
     """
 
@@ -146,6 +149,10 @@ class VLLMEngine(BaseLM):
         self.on_cpu = _on_cpu()
         if self.on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            # Scoring recomputes each continuation's prompt tail after the last full cached
+            # block (with full-vocabulary log-probs); vLLM's CPU default of 128-token blocks
+            # makes that tail 64 tokens on average, 32 (the CPU kernel's smallest) makes it 16.
+            engine_kwargs.setdefault("block_size", 32)
             if dtype == "auto":
                 dtype = "float32"
             if enforce_eager is None:
