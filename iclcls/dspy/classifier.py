@@ -75,8 +75,10 @@ class DSPyIReRaClassifier(BaseEstimator):
         self._pool = getattr(self, "_pool", None) or LMPool()
         return self._pool.get(given, max_tokens=64)
 
-    def fit(self, examples: Iterable[Example] = (), *, labels: Any = None, validation: Any = None) -> DSPyIReRaClassifier:
-        """Load the compiled program (compiling is ``iclcls compile``'s job; the data here is unused)."""
+    def fit(
+        self, examples: Iterable[Example] = (), *, labels: Any = None, validation: Any = None, tune: Any = None
+    ) -> DSPyIReRaClassifier:
+        """Load the compiled program (compiling and tuning are ``iclcls compile``'s job; the data here is unused)."""
         if not self.compiled:
             raise ValueError(f"program {PROGRAM_NAME!r} needs classifier.compiled: the folder written by `iclcls compile`")
         from iclcls.dspy.compile import load_compiled
