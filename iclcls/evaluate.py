@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from iclcls.config import EvalConfig, apply_overrides, parse
-from iclcls.config import config_hash, load_eval_config, parse_assignments  # noqa: F401  (this module's API)
-from iclcls.experiment import PARTIAL, ResumeError, read_predictions, score_records  # noqa: F401  (idem)
+# The names this module offered before the core moved to iclcls.experiment (kept importable):
+from iclcls.config import config_hash, load_eval_config, parse_assignments, set_path  # noqa: F401
+from iclcls.experiment import (  # noqa: F401
+    CHECKPOINT, PARTIAL, PREDICTIONS, PredictionCheckpoint, Prepared, ResumeError, predict_with_checkpoint,
+    prediction_record, prepare, read_predictions, score_records, write_run,
+)
 from iclcls.experiment import RunResult, primary_metric, run_experiment
 from iclcls.io import atomic_write_json
 
