@@ -1,9 +1,12 @@
 """Intent classification quality on real data: retriever baselines vs the full pipeline.
 
 BANKING77 / CLINC150 (no out-of-scope), 10-shot pools (dialoglue_splits/*/train_10.csv), a
-fixed seeded subset of the test set. Reports 1-NN, kNN-vote alone, shortlist@10 recall,
-the LM alone over the shortlist, and the full pipeline (shortlist 10, kNN demonstrations
-least-to-most similar, likelihood rank, fusion with the weight tuned on validation).
+fixed seeded subset of the test set. Everything is chosen without test data: the shortlister
+(1-NN, class mean, kNN vote, ECL) by cross-validation accuracy on the pool, the fusion weight
+and the conformal calibration on cross-validation predictions of the pool (``fit``'s default;
+``--tune validation`` uses a seeded validation subset instead). Reports each retriever, the LM
+alone over the shortlist, the pipeline, the paired bootstrap 95% interval of (pipeline - its
+own retriever), and conformal coverage / mean set size at ``--alpha``.
 
     python eval/quality_intent.py --dataset banking77 --n 500 --lm smollm2
 
@@ -41,7 +44,11 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", choices=["banking77", "clinc150"], required=True)
     ap.add_argument("--n", type=int, default=500, help="seeded test subset size")
-    ap.add_argument("--n-val", type=int, default=100, help="seeded validation subset for tuning the fusion weight")
+    ap.add_argument("--tune", choices=["cv", "validation"], default="cv", help="tune on pool cross-validation (default) or validation")
+    ap.add_argument("--cv-size", type=int, default=200, help="pool examples predicted by cross-validation for tuning")
+    ap.add_argument("--n-val", type=int, default=100, help="seeded validation subset (with --tune validation)")
+    ap.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage level")
+    ap.add_argument("--embedder", default=None, help="embedder spec (default MiniLM; 'mpnet' after scripts/install_mpnet.sh)")
     ap.add_argument("--lm", default="smollm2", help="LM spec (smollm2, gemma3-270m, ...); 'none' skips the LM")
     ap.add_argument("--shots", type=int, default=8)
     ap.add_argument("--shortlist-k", type=int, default=10)
@@ -57,28 +64,46 @@ def main(argv=None) -> dict:
                  "shots": args.shots, "shortlist_k": args.shortlist_k, "seed": args.seed,
                  "command": "python eval/quality_intent.py " + " ".join(argv if argv is not None else sys.argv[1:])}
 
-    one_nn = retriever_only(shortlist={"name": "knn_vote", "neighbors": 1}).fit(bench.train)
-    out["one_nn"] = accuracy(one_nn.predict(test), test)
-    vote = retriever_only(shortlist_k=args.shortlist_k).fit(bench.train)
-    vote_preds = vote.predict(test)
-    out["knn_vote"] = accuracy(vote_preds, test)
-    out["shortlist_recall_at_10"] = float(np.mean([e.label in p.candidates[:10] for p, e in zip(vote_preds, test)]))
-    mean = retriever_only(shortlist="class_mean").fit(bench.train)
-    out["class_mean"] = accuracy(mean.predict(test), test)
+    retrievers = {
+        "one_nn": {"name": "knn_vote", "neighbors": 1},
+        "class_mean": "class_mean",
+        "knn_vote": "knn_vote",
+        "ecl": "ecl",
+    }
+    cv_acc, retr_preds = {}, {}
+    for name, spec in retrievers.items():
+        r = retriever_only(shortlist=spec, shortlist_k=args.shortlist_k, embedder=args.embedder).fit(bench.train, tune="none")
+        held, cv = r.cross_val_predict(bench.train, size=args.cv_size, seed=args.seed)
+        cv_acc[name] = accuracy(cv, held)
+        retr_preds[name] = r.predict(test)
+        out[name] = accuracy(retr_preds[name], test)
+    # The pipeline's shortlister, picked on the pool, never on test (1-NN is a baseline only: one
+    # neighbour gives the LM a single candidate).
+    best = max((k for k in cv_acc if k != "one_nn"), key=cv_acc.get)
+    out["retriever_cv_accuracy"] = cv_acc
+    out["retriever_name"] = best
+    out["retriever"] = out[best]
+    out["best_retriever_on_test"] = max(retrievers, key=lambda k: out[k])  # for reference only
+    out["shortlist_recall_at_10"] = float(np.mean([e.label in p.candidates[:10] for p, e in zip(retr_preds[best], test)]))
 
     if args.lm != "none":
         # The checkpoint's key is everything that decides the predictions: an interrupted run
         # resumes, and one of other options or data is refused (before fitting), never merged.
-        settings = {k: getattr(args, k) for k in ("dataset", "n", "n_val", "lm", "shots", "shortlist_k", "seed")}
+        settings = {k: getattr(args, k) for k in ("dataset", "n", "n_val", "lm", "shots", "shortlist_k", "seed",
+                                                  "tune", "cv_size", "embedder")} | {"shortlist": best}
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         tag = args.lm.replace("/", "_").replace(":", "_")
         checkpoint = PredictionCheckpoint(RESULTS / f"quality_{args.dataset}_{tag}.checkpoint", key, force=args.force)
         t0 = time.time()
-        clf = knn_fusion(lm=args.lm, shots=args.shots, shortlist_k=args.shortlist_k).fit(bench.train)
+        clf = knn_fusion(lm=args.lm, shots=args.shots, shortlist_k=args.shortlist_k, shortlist=retrievers[best],
+                         embedder=args.embedder).fit(bench.train, tune="none")
         out["load_s"] = round(time.time() - t0, 1)
         t0 = time.time()
-        clf.tune(val)
-        out["tuning"] = clf.tuned_ | {"n_val": len(val), "seconds": round(time.time() - t0, 1)}
+        if args.tune == "validation":
+            clf.tune(val)
+        else:
+            clf.tune_cv(bench.train, size=args.cv_size, seed=args.seed)
+        out["tuning"] = {k: v for k, v in clf.tuned_.items() if k != "conformal"} | {"seconds": round(time.time() - t0, 1)}
         t0 = time.time()
         records, _ = checkpoint.predict(clf, test, chunk_size=16)
         preds = [Prediction.from_dict(r) for r in records]
@@ -88,6 +113,15 @@ def main(argv=None) -> dict:
         lm_top = [max(p.trace["lm_score"], key=p.trace["lm_score"].get) for p in preds]
         out["lm_only"] = float(np.mean([t == e.label for t, e in zip(lm_top, test)]))
         out["mean_prompt_tokens"] = float(np.mean([p.prompt_tokens for p in preds]))
+        diff = np.array([p.label == e.label for p, e in zip(preds, test)], float) - np.array(
+            [p.label == e.label for p, e in zip(retr_preds[best], test)], float)
+        boot = np.random.default_rng(args.seed).integers(0, len(diff), size=(10_000, len(diff)))
+        out["pipeline_minus_retriever"] = float(diff.mean())
+        out["pipeline_minus_retriever_ci"] = [float(x) for x in np.percentile(diff[boot].mean(axis=1), [2.5, 97.5])]
+        sets = clf.conformal_sets(preds, alpha=args.alpha)
+        out["conformal_alpha"] = args.alpha
+        out["conformal_coverage"] = float(np.mean([e.label in st for st, e in zip(sets, test)]))
+        out["conformal_mean_set_size"] = float(np.mean([len(st) for st in sets]))
         out["shortlist_recall_at_10_pipeline"] = float(np.mean([e.label in p.candidates for p, e in zip(preds, test)]))
     else:
         tag = "none"
@@ -96,7 +130,8 @@ def main(argv=None) -> dict:
     atomic_write_json(path, out)
     if args.lm != "none":
         shutil.rmtree(checkpoint.dir)
-    keys = ["one_nn", "class_mean", "knn_vote", "shortlist_recall_at_10", "lm_only", "pipeline", "fusion_weight", "seconds_per_query"]
+    keys = ["one_nn", "class_mean", "knn_vote", "ecl", "retriever_name", "retriever", "lm_only", "pipeline",
+            "pipeline_minus_retriever_ci", "conformal_coverage", "conformal_mean_set_size", "fusion_weight", "seconds_per_query"]
     print(f"| {args.dataset} | {args.lm} | " + " | ".join(f"{k}={out[k]:.3f}" if isinstance(out.get(k), float) else f"{k}={out.get(k)}" for k in keys) + " |")
     print(f"wrote {path}")
     return out

@@ -427,6 +427,13 @@ class ICLClassifier(BaseEstimator):
             return self
         return self._tune_on(held, predict, tuned_on=f"cv ({len(held)} pool examples, {folds} folds, seed {seed})")
 
+    def cross_val_predict(
+        self, examples: Sequence[Example], *, size: int = 200, folds: int = 5, seed: int = 0
+    ) -> tuple[list[Example], list[Prediction]]:
+        """Predictions for a seeded subset of ``examples``, each from a classifier fitted without its fold."""
+        held, predict = self._cv_plan(list(examples), size=size, folds=folds, seed=seed)
+        return (held, predict()) if held else ([], [])
+
     def _cv_plan(self, examples: list[Example], *, size: int, folds: int, seed: int):
         """Held-out examples and a function predicting each with a classifier fitted without its fold."""
         labelled = [i for i, ex in enumerate(examples) if ex.labels]
@@ -475,6 +482,7 @@ class ICLClassifier(BaseEstimator):
         tuned["tuned_on"] = tuned_on
         tuned["conformal"] = self._calibration(preds, gold)
         self.tuned_ = tuned
+        self.tuning_predictions_ = preds  # in memory only (not saved): reports and model selection read them
         return self
 
     def _rescored(self, preds: list[Prediction], predict) -> list[Prediction]:
@@ -503,12 +511,17 @@ class ICLClassifier(BaseEstimator):
         or misses at most an alpha share of gold labels in expectation (multi-label, risk control).
 
         Calibrated on the tuning predictions ``fit`` made (cross-validation or validation)."""
+        if not ((getattr(self, "tuned_", None) or {}).get("conformal") or {}).get("n"):
+            raise RuntimeError("predict_set needs conformal calibration: fit with tune='cv' or validation=")
+        return self.conformal_sets(self.predict(inputs), alpha=alpha)
+
+    def conformal_sets(self, preds: Sequence[Prediction], *, alpha: float = 0.1) -> list[tuple[str, ...]]:
+        """``predict_set`` for predictions already made (no second LM pass)."""
         from iclcls.rank import conformal as cp
 
         cal = (getattr(self, "tuned_", None) or {}).get("conformal")
         if not cal or not cal.get("n"):
-            raise RuntimeError("predict_set needs conformal calibration: fit with tune='cv' or validation=")
-        preds = self.predict(inputs)
+            raise RuntimeError("conformal sets need conformal calibration: fit with tune='cv' or validation=")
         if cal["kind"] == "multi":
             lam = cp.crc_lambda([(labs, sc) for labs, sc, _ in cal["preds"]], [g for _, _, g in cal["preds"]], alpha)
             return [cp.multi_label_set(p.labels, p.scores, lam) or p.labels[:1] for p in preds]

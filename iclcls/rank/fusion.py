@@ -76,5 +76,13 @@ class FusionRanker(BaseRanker):
         return {"fusion_weight": self.weight, "validation_accuracy": float(acc[best]),
                 "validation_accuracy_retriever": float(acc[0]), "validation_accuracy_lm": float(acc[-1])}
 
+    def rescore(self, trace: Mapping[str, Any]) -> Ranking:
+        """A ranking at the current weight from a fusion trace: tuning re-scores without the LM."""
+        labels = [lab for lab in trace["lm_score"] if lab in trace["retriever_score"]]
+        w = 0.5 if self.weight is None else float(self.weight)
+        lm = [trace["lm_score"][lab] for lab in labels]
+        retr = [trace["retriever_score"][lab] for lab in labels]
+        return sort_ranking(labels, fuse(lm, retr, w), {"weight": w})
+
     def tuned_state(self) -> dict[str, Any]:
         return {"weight": self.weight}
