@@ -219,7 +219,20 @@ def test_served_rank_is_restricted_to_candidates_by_guided_decoding(openai_lm, s
     for ex in sample.test[:3]:
         out = program(text=ex.text)
         assert out.lm_labels and set(out.lm_labels) <= set(out.candidates)
-    sent = lm.history[-1]["kwargs"].get("response_format") or {}
-    schema = json.dumps(sent)
-    assert "enum" in schema, f"the JSON schema with the candidates was not sent: {sent}"
+    sent = lm.history[-1]["kwargs"].get("response_format")
+    assert sent is not None, "DSPy sent no JSON schema to the server"
+    schema = sent.model_json_schema() if hasattr(sent, "model_json_schema") else sent
+    field = schema["properties"]["ranked_labels"]
+    assert set(field["items"]["enum"]) == set(out.candidates) and field["maxItems"] == 3
     assert program.stats.summary()["rank"]["unparsed_share"] == 0.0
+
+
+def test_eval_harness_builds_the_adapter_from_the_classifier_section():
+    from iclcls.config import ClassifierConfig
+    from iclcls.dspy.classifier import DSPyIReRaClassifier
+    from iclcls.experiment.fit import build_classifier
+
+    section = ClassifierConfig(program="dspy_irera", compiled="runs/x", dspy={"rank": {"max_labels": 5}}, top_k=3, tune=True)
+    clf = build_classifier(section, quiet=True)
+    assert isinstance(clf, DSPyIReRaClassifier) and clf.compiled == "runs/x" and clf.top_k == 3
+    assert clf.show_progress is False
