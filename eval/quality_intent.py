@@ -95,8 +95,8 @@ def main(argv=None) -> dict:
         tag = args.lm.replace("/", "_").replace(":", "_")
         checkpoint = PredictionCheckpoint(RESULTS / f"quality_{args.dataset}_{tag}.checkpoint", key, force=args.force)
         t0 = time.time()
-        clf = knn_fusion(lm=args.lm, shots=args.shots, shortlist_k=args.shortlist_k, shortlist=retrievers[best],
-                         embedder=args.embedder).fit(bench.train, tune="none")
+        clf = knn_fusion(lm=args.lm, shots=args.shots, shortlist_k=args.shortlist_k, embedder=args.embedder)
+        clf.set_params(shortlist=retrievers[best]).fit(bench.train, tune="none")
         out["load_s"] = round(time.time() - t0, 1)
         t0 = time.time()
         if args.tune == "validation":

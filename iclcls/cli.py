@@ -116,6 +116,9 @@ def label(
     id_field: Optional[str] = typer.Option(None, "--id-field", help="the id column (default: the row number, from 0)"),
     with_text: bool = typer.Option(False, "--with-text", help="copy each input text into its row"),
     trace: bool = typer.Option(False, "--trace", help="add candidates, demonstrations and the prompt to each row"),
+    alpha: Optional[float] = typer.Option(
+        None, "--alpha", min=0.0, max=1.0, help="add each row's conformal label set ('set'), covering the gold label w.p. >= 1 - alpha"
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="label only the first N rows (a dry run)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start OUT over instead of resuming it"),
     lm: Optional[str] = typer.Option(None, "--lm", help="override the saved LM spec, e.g. openai:MODEL@URL"),
@@ -131,7 +134,7 @@ def label(
     """Label a corpus: stream rows through a saved classifier into OUT (id, labels, scores per
     row), a chunk at a time; resumable; failed rows become {"id", "error"} rows (exit code 1)."""
     _run_label(
-        inputs, state, out, text_field=text_field, id_field=id_field, with_text=with_text, trace=trace,
+        inputs, state, out, text_field=text_field, id_field=id_field, with_text=with_text, trace=trace, alpha=alpha,
         limit=limit, overwrite=overwrite, lm=lm, trust=trust_state, engine=engine, workers=workers,
         address=address, chunk_rows=chunk_rows, progress=not quiet,
     )

@@ -105,3 +105,28 @@ def test_cv_holds_each_example_out_of_its_own_fold(embedder):
     assert "conformal" not in plain.tuned_
     with pytest.raises(RuntimeError, match="conformal calibration"):
         plain.predict_set(["x"])
+
+
+def test_label_alpha_writes_conformal_sets(banking, embedder, tmp_path):
+    """`iclcls label --alpha` adds each row's conformal set; a state without calibration is refused."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from iclcls.cli import app
+    from iclcls.programs import retriever_only
+
+    clf = retriever_only(embedder=embedder).fit(banking.train, tune_size=100)
+    clf.save(tmp_path / "state")
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": ex.text}) + "\n" for ex in banking.test[:20]))
+    res = CliRunner().invoke(app, ["label", str(src), "--state", str(tmp_path / "state"), "--out", str(tmp_path / "o.jsonl"),
+                                   "--alpha", "0.1", "--quiet"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(r["set"] and set(r["set"]) <= set(r["labels"]) for r in rows)
+    assert rows[0]["set"][0] == rows[0]["labels"][0]  # the set is a prefix-ranked subset, best first
+    retriever_only(embedder=embedder).fit(banking.train, tune="none").save(tmp_path / "plain")
+    res = CliRunner().invoke(app, ["label", str(src), "--state", str(tmp_path / "plain"), "--out", str(tmp_path / "p.jsonl"),
+                                   "--alpha", "0.1", "--quiet"])
+    assert res.exit_code != 0 and "conformal calibration" in res.output

@@ -118,6 +118,8 @@ def get_embedder(
         return _pixels(spec)
     if isinstance(spec, str) and spec.startswith("clip:"):
         return _clip(spec[len("clip:"):], device)
+    if isinstance(spec, str) and spec.startswith("st:"):
+        spec = spec[3:]  # an embedder's own name (as a saved state records it) names it again
     if spec in _DEFAULT_ALIASES:
         try:
             return default_embedder(cache, cache_dir=cache_dir, device=device)

@@ -20,6 +20,7 @@ class RowOptions:
 
     with_text: bool = False
     trace: bool = False  # candidates, demonstrations, prompt: most of the bytes, off by default
+    alpha: float | None = None  # add the conformal label set ("set") at this miscoverage level
 
 
 def embedding_bound(clf: Any) -> bool:
@@ -37,6 +38,9 @@ def prepare(clf: Any, *, chunk_rows: int) -> Any:
 
 def label_records(clf: Any, records: Sequence[Record], opts: RowOptions) -> list[dict[str, Any]]:
     """One output row per record, in order."""
+    if opts.alpha is not None and not ((getattr(clf, "tuned_", None) or {}).get("conformal") or {}).get("n"):
+        raise ValueError("--alpha needs a state with conformal calibration: fit it again (fit calibrates by "
+                         "cross-validation unless tune='none')")
     good = [r for r in records if r.error is None]
     preds = _predict_contained(clf, [r.text for r in good])
     by_pos = iter(preds)
@@ -52,6 +56,8 @@ def label_records(clf: Any, records: Sequence[Record], opts: RowOptions) -> list
         row: dict[str, Any] = {"id": r.id, "labels": list(p.labels), "scores": [float(s) for s in p.scores]}
         if getattr(clf, "multi_label", False):
             row["chosen"] = list(clf.decide(p))
+        if opts.alpha is not None:
+            row["set"] = list(clf.conformal_sets([p], alpha=opts.alpha)[0])
         if opts.with_text:
             row["text"] = r.text
         if opts.trace:

@@ -26,6 +26,7 @@ class LabelOptions:
     id_field: str | None = None
     with_text: bool = False
     trace: bool = False
+    alpha: float | None = None
     lm: str | None = None
     trust: bool = False
     limit: int | None = None
@@ -43,6 +44,7 @@ class LabelOptions:
             "id_field": self.id_field,
             "with_text": self.with_text,
             "trace": self.trace,
+            "alpha": self.alpha,
             "lm": self.lm,
         }
 
@@ -103,7 +105,7 @@ def label_corpus(
         if info.rows == 0:
             summary.notes.append(f"{src} has no rows: nothing to label")
             return summary
-        row_opts = RowOptions(with_text=opts.with_text, trace=opts.trace)
+        row_opts = RowOptions(with_text=opts.with_text, trace=opts.trace, alpha=opts.alpha)
         with _progress(total, opts.progress) as advance:
             for batch in _batches(src, fmt, state=Path(state), opts=opts, row_opts=row_opts, done=sink.done):
                 rows = []
