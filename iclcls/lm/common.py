@@ -57,6 +57,11 @@ def check_choices(choices: Sequence[str]) -> list[str]:
     return out
 
 
+def likeliest(scored: Sequence[Sequence[Sequence[float]]], choices: Sequence[str]) -> list[str]:
+    """Per prompt, the choice with the highest total log-prob (``scored[i][j]``: choice j's token log-probs)."""
+    return [choices[max(range(len(choices)), key=lambda j: float(sum(s[j])))] for s in scored]
+
+
 def _image_mime(data: bytes) -> str:
     for magic, mime in _MAGIC:
         if data.startswith(magic):

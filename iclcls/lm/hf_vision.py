@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from iclcls.lm.base import BaseLM, Conversation, ScoreRequest
+from iclcls.lm.common import check_choices, likeliest
 from iclcls.lm.hf_generate import cut_at_stop
 
 
@@ -213,11 +214,8 @@ class TransformersVLM(BaseLM):
     ) -> list[str]:
         """Reply to each conversation (images included); with ``choices``, the likeliest choice."""
         if choices is not None:
-            choices = list(choices)
-            if not choices:
-                raise ValueError("choices is empty")
-            scored = self.score_chat(conversations, choices)
-            return [choices[int(np.argmax([float(np.sum(t)) for t in s]))] for s in scored]
+            choices = check_choices(choices)
+            return likeliest(self.score_chat(conversations, choices), choices)
         out = []
         with self._lock, torch.inference_mode():
             for i, conv in enumerate(conversations):
@@ -238,11 +236,8 @@ class TransformersVLM(BaseLM):
     ) -> list[str]:
         """Plain-text completion (no chat template); with ``choices``, the likeliest choice."""
         if choices is not None:
-            choices = list(choices)
-            if not choices:
-                raise ValueError("choices is empty")
-            scored = self.score_batch([(p, choices) for p in prompts])
-            return [choices[int(np.argmax([float(np.sum(t)) for t in s]))] for s in scored]
+            choices = check_choices(choices)
+            return likeliest(self.score_batch([(p, choices) for p in prompts]), choices)
         out = []
         with self._lock, torch.inference_mode():
             for i, p in enumerate(prompts):

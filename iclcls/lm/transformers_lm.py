@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from iclcls.lm.base import BaseLM, Conversation, ScoreRequest
+from iclcls.lm.common import check_choices, likeliest
 from iclcls.lm.gguf import gguf_metadata_value  # noqa: F401  (re-exported: it lived here)
 from iclcls.lm.hf_generate import generate_ids, render_chat
 from iclcls.lm.hf_loading import context_window_of, load_causal_lm, special_ids
@@ -310,11 +311,8 @@ class TransformersLM(BaseLM):
     ) -> list[str]:
         """Batched, left-padded generation; greedy at temperature 0; ``choices``: the likeliest choice."""
         if choices is not None:
-            choices = list(choices)
-            if not choices:
-                raise ValueError("choices is empty")
-            scored = self.score_batch([(p, choices) for p in prompts])
-            return [choices[int(np.argmax([float(np.sum(t)) for t in s]))] for s in scored]
+            choices = check_choices(choices)
+            return likeliest(self.score_batch([(p, choices) for p in prompts]), choices)
         with self._lock:
             ids = [self._encode_text(p) for p in prompts]
         return self._generate_ids(
