@@ -288,7 +288,8 @@ def main() -> None:
         fresh = {key(r) for r in rows}
         rows = [r for r in json.loads(a.out.read_text())["rows"] if key(r) not in fresh] + rows
         rows.sort(key=lambda r: (r["lm"] != "none", not r["batching"], r["clients"], r["adding"]))
-    lm_rows = {r["batching"]: r for r in rows if r["lm"] != "none" and r["clients"] == max(a.clients) and not r["adding"]}
+    top = max([r["clients"] for r in rows if r["lm"] != "none" and not r["batching"]], default=max(a.clients))
+    lm_rows = {r["batching"]: r for r in rows if r["lm"] != "none" and r["clients"] == top and not r["adding"]}
     speedup = (lm_rows[True]["rps"] / lm_rows[False]["rps"]) if len(lm_rows) == 2 and lm_rows[False]["rps"] else None
     import torch
 
@@ -314,7 +315,7 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {a.out} ({len(rows)} runs, {time.time() - t0:.0f} s); LM micro-batching speedup at "
-          f"C={max(a.clients)}: {out['lm_batching_speedup_at_max_clients']}")
+          f"C={top}: {out['lm_batching_speedup_at_max_clients']}")
 
 
 if __name__ == "__main__":
