@@ -26,7 +26,8 @@ Each row: system, queries_per_s, accuracy (None for prefill_limit), n, prompt_to
 (prompt tokens the system processed per second: 77x the prompt for openicl_ppl). The
 vLLM rows also carry ablations (engine: no prefix-cache warm-up, one query per call;
 server: one request at a time) and a profile of where a scoring call's time goes.
-Writes a JSON list of rows to ``--out``. Start-up times are reported, not counted.
+Writes a JSON list of rows to ``--out``. Start-up times are reported, not counted; the
+server loads while the transformers model loads, and is idle while the others are timed.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def bench_prefill(lm, preds) -> dict:
 # -- (c) the engine: ablations and a profile ---------------------------------------------------------
 
 
-def engine_profile(engine, preds, n_seqs: int = 40) -> dict:
+def engine_profile(engine, preds, n_seqs: int = 20) -> dict:
     """Time the same token sequences (prompt + a shortlisted label) prefilled three ways:
     no logprobs, prompt log-probs (vLLM computes full-vocabulary log-softmax at every prompt
     position), and as the engine scores them (warm-up prefill + cached prompt log-probs)."""
@@ -178,6 +179,15 @@ def bench_engine(engine, embedder, train, test, args) -> dict:
     preds, seconds = timed_predict(clf, [e.text for e in test])
     r = row("vllm_engine", len(test), seconds, accuracy(preds, test), sum(p.prompt_tokens for p in preds),
             start_s=round(engine.start_seconds, 1), last_score_stats=dict(engine.last_score_stats))
+    try:
+        r["ablations"] = engine_ablations(engine, clf, test, args)
+        r["profile"] = engine_profile(engine, preds)
+    except Exception as e:  # keep the main row
+        log(f"engine ablations/profile failed: {type(e).__name__}: {e}")
+    return r
+
+
+def engine_ablations(engine, clf, test, args) -> dict:
     sub = test[: args.n_ablation]
     texts = [e.text for e in sub]
     abl = {"n": len(sub)}
@@ -192,9 +202,7 @@ def bench_engine(engine, embedder, train, test, args) -> dict:
     clf.set_params(batch_size=args.batch_size)
     abl = {k: round(v, 2) if isinstance(v, float) else v for k, v in abl.items()}
     log(f"engine ablations: {abl}")
-    r["ablations"] = abl
-    r["profile"] = engine_profile(engine, preds)
-    return r
+    return abl
 
 
 def bench_server(handle, embedder, train, test, args) -> dict:
@@ -209,9 +217,12 @@ def bench_server(handle, embedder, train, test, args) -> dict:
                 start_s=round(handle.start_seconds, 1), concurrency=args.concurrency)
         sub = [e.text for e in test[: args.n_ablation]]
         abl = {"n": len(sub)}
-        _, abl[f"concurrency_{args.concurrency}_s"] = timed_predict(clf, sub)
-        lm.concurrency = 1
-        _, abl["concurrency_1_s"] = timed_predict(clf, sub)
+        try:
+            _, abl[f"concurrency_{args.concurrency}_s"] = timed_predict(clf, sub)
+            lm.concurrency = 1
+            _, abl["concurrency_1_s"] = timed_predict(clf, sub)
+        except Exception as e:  # keep the main row
+            log(f"server ablations failed: {type(e).__name__}: {e}")
         abl = {k: round(v, 2) if isinstance(v, float) else v for k, v in abl.items()}
         log(f"server ablations: {abl}")
         r["ablations"] = abl
@@ -265,34 +276,46 @@ def main() -> None:
         device = str(getattr(lm, "device", "cpu"))
         clf = make_classifier(lm, embedder, train, args)
         clf.predict([e.text for e in test[:2]])  # warm-up (not timed)
+        if server is not None:  # loaded meanwhile; idle while the other systems are timed
+            server.wait_ready(timeout=1200)
+            log(f"server ready in {server.start_seconds:.1f} s")
         preds = None
         if {"transformers", "prefill_limit"} & set(args.systems):
             preds, seconds = timed_predict(clf, [e.text for e in test])
             if "transformers" in args.systems:
                 rows.append(row("transformers", len(test), seconds, accuracy(preds, test),
                                 sum(p.prompt_tokens for p in preds), device=device))
+        meta = {"threads": args.threads, "machine": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(), "shots": args.shots, "shortlist": args.shortlist,
+                "batch_size": args.batch_size}
+
+        def save() -> None:  # after every system, so a cut-short run keeps what it measured
+            for r in rows:
+                r.setdefault("config", meta)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(args.out, rows)
+
+        save()
         if "prefill_limit" in args.systems:
             rows.append(bench_prefill(lm, preds))
-        if "openicl_ppl" in args.systems:
-            rows.append(bench_openicl(lm, clf, test, args))
-        del lm, clf
+            save()
         if "vllm_engine" in args.systems:
             from iclcls.lm.vllm_engine import VLLMEngine
 
             with VLLMEngine.from_name("smollm2", max_model_len=2048) as engine:
                 log(f"engine started in {engine.start_seconds:.1f} s")
                 rows.append(bench_engine(engine, embedder, train, test, args))
+            save()
         if server is not None:
-            server.wait_ready(timeout=900)
-            log(f"server ready in {server.start_seconds:.1f} s")
             rows.append(bench_server(server, embedder, train, test, args))
+            server.stop()
+            save()
+        if "openicl_ppl" in args.systems:  # last: the slowest by far
+            rows.append(bench_openicl(lm, clf, test, args))
+            save()
     finally:
         if server is not None:
             server.stop()
-    meta = {"threads": args.threads, "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "shots": args.shots, "shortlist": args.shortlist, "batch_size": args.batch_size}
-    for r in rows:
-        r.setdefault("config", meta)
     best = max((r for r in rows if r["system"] in ("transformers", "vllm_engine", "vllm_server")),
                key=lambda r: r["queries_per_s"], default=None)
     by = {r["system"]: r for r in rows}
@@ -304,8 +327,6 @@ def main() -> None:
     for r in rows:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         print(f"{r['system']:<15}{r['queries_per_s']:>11.3f}{acc:>10}{r['n']:>5}{r['prompt_tokens_per_s']:>14.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, rows)
     log(f"wrote {args.out}")
 
 
