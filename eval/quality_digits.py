@@ -17,7 +17,6 @@ figures.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from iclcls.classifier import ICLClassifier
-from iclcls.data.images import digits_examples
+from iclcls.data.images import digits_examples, few_shot_split as split
 from iclcls.embed import get_embedder
 from iclcls.io import atomic_write_json
 from iclcls.types import Example
@@ -38,15 +37,6 @@ METHODS = {
 }
 
 
-def split(examples: list[Example], shots: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """``shots`` examples per class (seeded) as the pool, the rest as the test set."""
-    rng = random.Random(seed)
-    by: dict[str, list[Example]] = {}
-    for e in examples:
-        by.setdefault(e.label, []).append(e)
-    pool = [e for lab in sorted(by) for e in rng.sample(by[lab], shots)]
-    ids = {e.id for e in pool}
-    return pool, [e for e in examples if e.id not in ids]
 
 
 def time_tiny_vlm(examples: list[Example], embedder, n: int, *, shots: int = 4, shortlist_k: int = 4) -> dict:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from iclcls.data import DataError, load_examples, load_image_folder
-from iclcls.data.images import digits_examples
+from iclcls.data.images import digits_examples, few_shot_split as split
 from iclcls.embed import default_embedder, encode_examples, get_embedder
 from iclcls.pool import Pool
 from iclcls.types import Example
@@ -27,14 +26,6 @@ def digits() -> list[Example]:
     return digits_examples()
 
 
-def split(examples: list[Example], shots: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    rng = random.Random(seed)
-    by: dict[str, list[Example]] = {}
-    for e in examples:
-        by.setdefault(e.label, []).append(e)
-    pool = [e for lab in sorted(by) for e in rng.sample(by[lab], shots)]
-    ids = {e.id for e in pool}
-    return pool, [e for e in examples if e.id not in ids]
 
 
 def png(value: int, size: int = 8) -> bytes:

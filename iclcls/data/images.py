@@ -150,6 +150,19 @@ def load_image_folder(root: str | Path, *, suffixes: Sequence[str] = IMAGE_SUFFI
     return out
 
 
+def few_shot_split(examples: Sequence[Example], shots: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """``shots`` examples per class (seeded) as the pool, the rest as the test set."""
+    import random
+
+    rng = random.Random(seed)
+    by: dict[str, list[Example]] = {}
+    for e in examples:
+        by.setdefault(e.label, []).append(e)
+    pool = [e for lab in sorted(by) for e in rng.sample(by[lab], shots)]
+    ids = {e.id for e in pool}
+    return pool, [e for e in examples if e.id not in ids]
+
+
 def digits_examples() -> list[Example]:
     """scikit-learn's ``load_digits`` (1,797 8x8 grey images, labels "0".."9") as PNG-bytes
     Examples with ids ``digits:<row>``: real images that ship with a package, for tests."""
