@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -19,6 +19,7 @@ import pytest
 from iclcls.lm.base import LM, CapabilityError
 from iclcls.lm.openai_compat import OpenAICompatibleLM, ServerError, _api_base, image_to_url
 from iclcls.lm.server import ServerHandle, free_port
+from stub_openai_server import JsonHandler
 
 TOL = 2e-3  # nats per token, as in test_lm_vllm.py (measured differences are ~1e-5)
 
@@ -41,21 +42,7 @@ class TinyServer:
         self.delay = 0.0  # seconds to sleep before answering POSTs
         tiny = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
-
+        class Handler(JsonHandler):
             def do_GET(self):
                 tiny.requests.append(("GET", self.path, {}))
                 if self.path == "/v1/models":
