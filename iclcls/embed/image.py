@@ -107,12 +107,9 @@ class ClipEmbedder:
     @property
     def model(self) -> Any:
         if self._model is None:
-            from sentence_transformers import SentenceTransformer
+            from iclcls.embed.sentence_transformers import load_sentence_transformer
 
-            try:
-                self._model = SentenceTransformer(self.model_name_or_path, device=self.device)
-            except OSError as e:
-                raise OSError(f"cannot load CLIP model {self.model_name_or_path!r} (a Hub name needs network access): {e}") from e
+            self._model = load_sentence_transformer(self.model_name_or_path, self.device, "CLIP model")
         return self._model
 
     @property

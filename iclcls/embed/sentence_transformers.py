@@ -41,6 +41,16 @@ def check_texts(texts: Sequence[str]) -> list[str]:
     return out
 
 
+
+def load_sentence_transformer(path: str, device: str | None, what: str = "sentence-transformers model") -> Any:
+    """Load a ``SentenceTransformer``; a failure says that offline a local folder is needed."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(path, device=device)
+    except OSError as e:
+        raise OSError(f"cannot load {what} {path!r} (a Hub name needs network access; pass a local folder offline): {e}") from e
+
 class SentenceTransformerEmbedder:
     """Embedder over ``sentence_transformers.SentenceTransformer``: unit-norm float32 rows."""
 
@@ -67,15 +77,7 @@ class SentenceTransformerEmbedder:
     def model(self) -> Any:
         """The loaded ``SentenceTransformer`` (loaded on first access)."""
         if self._model is None:
-            from sentence_transformers import SentenceTransformer
-
-            try:
-                self._model = SentenceTransformer(self.model_name_or_path, device=self.device)
-            except OSError as e:
-                raise OSError(
-                    f"cannot load sentence-transformers model {self.model_name_or_path!r} "
-                    f"(a Hub name needs network access; pass a local folder offline): {e}"
-                ) from e
+            self._model = load_sentence_transformer(self.model_name_or_path, self.device)
         return self._model
 
     @property
