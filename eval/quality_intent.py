@@ -30,7 +30,7 @@ import numpy as np
 from iclcls.data import load_benchmark
 from iclcls.experiment import PredictionCheckpoint, subset
 from iclcls.io import atomic_write_json
-from iclcls.programs import knn_fusion, retriever_only
+from iclcls.programs import knn_channel, knn_fusion, retriever_only
 from iclcls.types import Prediction
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,6 +50,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage level")
     ap.add_argument("--embedder", default=None, help="embedder spec (default MiniLM; 'mpnet' after scripts/install_mpnet.sh)")
     ap.add_argument("--lm", default="smollm2", help="LM spec (smollm2, gemma3-270m, ...); 'none' skips the LM")
+    ap.add_argument("--ranker", choices=["cv", "likelihood", "channel"], default="cv",
+                    help="LM ranker: direct label likelihood, noisy channel, or (cv) the one with the better pool CV accuracy")
     ap.add_argument("--shots", type=int, default=8)
     ap.add_argument("--shortlist-k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
@@ -90,22 +92,34 @@ def main(argv=None) -> dict:
         # The checkpoint's key is everything that decides the predictions: an interrupted run
         # resumes, and one of other options or data is refused (before fitting), never merged.
         settings = {k: getattr(args, k) for k in ("dataset", "n", "n_val", "lm", "shots", "shortlist_k", "seed",
-                                                  "tune", "cv_size", "embedder")} | {"shortlist": best}
+                                                  "tune", "cv_size", "embedder", "ranker")} | {"shortlist": best}
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         tag = args.lm.replace("/", "_").replace(":", "_")
         checkpoint = PredictionCheckpoint(RESULTS / f"quality_{args.dataset}_{tag}.checkpoint", key, force=args.force)
+        presets = {"likelihood": lambda: knn_fusion(lm=lm, shots=args.shots, shortlist_k=args.shortlist_k, embedder=args.embedder),
+                   "channel": lambda: knn_channel(lm=lm, shortlist_k=args.shortlist_k, embedder=args.embedder)}
+        names = list(presets) if args.ranker == "cv" else [args.ranker]
+        lm = args.lm
+        tuned, clfs = {}, {}
+        for name in names:  # every candidate ranker tuned the same way; the best tuning accuracy wins
+            t0 = time.time()
+            clf = presets[name]().set_params(shortlist=retrievers[best]).fit(bench.train, tune="none")
+            lm = clf.lm_  # one loaded LM shared by the candidates
+            out.setdefault("load_s", round(time.time() - t0, 1))
+            t0 = time.time()
+            if args.tune == "validation":
+                clf.tune(val)
+            else:
+                clf.tune_cv(bench.train, size=args.cv_size, seed=args.seed)
+            tuned[name] = {k: v for k, v in clf.tuned_.items() if k != "conformal"} | {"seconds": round(time.time() - t0, 1)}
+            clfs[name] = clf
+        ranker = max(names, key=lambda k: tuned[k]["validation_accuracy"])  # first max: likelihood on ties
+        clf = clfs[ranker]
+        out["ranker"] = ranker
+        out["ranker_tuning"] = tuned
+        out["tuning"] = tuned[ranker]
         t0 = time.time()
-        clf = knn_fusion(lm=args.lm, shots=args.shots, shortlist_k=args.shortlist_k, embedder=args.embedder)
-        clf.set_params(shortlist=retrievers[best]).fit(bench.train, tune="none")
-        out["load_s"] = round(time.time() - t0, 1)
-        t0 = time.time()
-        if args.tune == "validation":
-            clf.tune(val)
-        else:
-            clf.tune_cv(bench.train, size=args.cv_size, seed=args.seed)
-        out["tuning"] = {k: v for k, v in clf.tuned_.items() if k != "conformal"} | {"seconds": round(time.time() - t0, 1)}
-        t0 = time.time()
-        records, _ = checkpoint.predict(clf, test, chunk_size=16)
+        records, _ = checkpoint.predict(clf, test, chunk_size=64)
         preds = [Prediction.from_dict(r) for r in records]
         out["seconds_per_query"] = round((time.time() - t0) / max(len(test), 1), 3)
         out["pipeline"] = accuracy(preds, test)
@@ -130,7 +144,7 @@ def main(argv=None) -> dict:
     atomic_write_json(path, out)
     if args.lm != "none":
         shutil.rmtree(checkpoint.dir)
-    keys = ["one_nn", "class_mean", "knn_vote", "ecl", "retriever_name", "retriever", "lm_only", "pipeline",
+    keys = ["one_nn", "class_mean", "knn_vote", "ecl", "retriever_name", "retriever", "ranker", "lm_only", "pipeline",
             "pipeline_minus_retriever_ci", "conformal_coverage", "conformal_mean_set_size", "fusion_weight", "seconds_per_query"]
     print(f"| {args.dataset} | {args.lm} | " + " | ".join(f"{k}={out[k]:.3f}" if isinstance(out.get(k), float) else f"{k}={out.get(k)}" for k in keys) + " |")
     print(f"wrote {path}")

@@ -355,7 +355,7 @@ class ICLClassifier(BaseEstimator):
         queries = self._queries(examples)
         cands = self.shortlister_.shortlist(queries, self.shortlist_k)
         prompts = []
-        if getattr(self.ranker_, "needs_lm", True):
+        if getattr(self.ranker_, "needs_prompts", getattr(self.ranker_, "needs_lm", True)):
             demo_ids = (
                 self.selector_.select(queries, cands, self.shots)
                 if self.selector_ is not None and self.shots > 0

@@ -66,6 +66,20 @@ def knn_fusion(*, lm: Any = "smollm2", shots: int = 8, shortlist_k: int = 10, **
     )
 
 
+def knn_channel(*, lm: Any = "smollm2", shortlist_k: int = 10, per_class: int = 16, **options: Any) -> ICLClassifier:
+    """kNN-vote shortlist, noisy-channel ranking (P(query | each candidate's own pool examples)),
+    fused with the retriever. The strongest preset with the embedded 135M-270M LMs (eval/RESULTS.md)."""
+    return ICLClassifier(
+        lm=lm,
+        shortlist="knn_vote",
+        shortlist_k=shortlist_k,
+        select=None,
+        shots=0,
+        rank={"name": "fusion", "inner": "channel", "inner_options": {"per_class": per_class}},
+        **options,
+    )
+
+
 def retriever_only(*, shortlist: Any = "knn_vote", shortlist_k: int = 10, **options: Any) -> ICLClassifier:
     """The retriever alone (no LM): the baseline every LM pipeline is compared with."""
     return ICLClassifier(lm=None, shortlist=shortlist, shortlist_k=shortlist_k, select=None, rank="retriever", **options)
@@ -76,5 +90,6 @@ PROGRAMS = {
     "irera": irera,
     "zero_shot": zero_shot,
     "knn_fusion": knn_fusion,
+    "knn_channel": knn_channel,
     "retriever_only": retriever_only,
 }

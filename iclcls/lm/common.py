@@ -6,6 +6,7 @@ the HTTP client agree, and neither imports the other.
 from __future__ import annotations
 
 import base64
+import inspect
 import mimetypes
 import re
 from collections.abc import Sequence
@@ -23,6 +24,14 @@ _MAGIC = [
     (b"GIF89a", "image/gif"),
     (b"BM", "image/bmp"),
 ]
+
+
+def accepts_shared_prefix(lm: Any) -> bool:
+    """Whether ``lm.score_batch`` takes ``shared_prefix=`` (a KV-reuse hint the transformers backend keeps)."""
+    try:
+        return "shared_prefix" in inspect.signature(lm.score_batch).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
 
 
 def continuation_start(offsets: Offsets, prompt_chars: int) -> int:

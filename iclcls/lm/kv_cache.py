@@ -27,6 +27,7 @@ class PrefixState:
     ids: tuple[int, ...]
     cache: Any
     last_logits: torch.Tensor  # float32 [vocab]
+    nbytes: int = 0  # the cache's size, for the LRU's byte budget
 
 
 def fork_cache(cache: Any, batch: int = 1) -> Any:

@@ -10,7 +10,7 @@ position would cost gigabytes); the suffix forward is ``packed`` (tree mask) or 
 (see ``suffix_modes``). ``score_naive`` runs one full forward per continuation: the
 reference the shared path is tested against, and the benchmark's baseline.
 ``score_batch(requests, shared_prefix=...)`` (many-shot demonstrations shared across
-queries) prefills that prefix once and keeps its KV cache in a small LRU keyed by its text.
+queries, or one class prompt per class for the channel ranker) prefills that prefix once and keeps its KV cache in an LRU keyed by its text (bounded in entries and bytes).
 
 Beside this class: loading (``hf_loading``, ``gguf``), KV-cache forking and prefix reuse
 (``kv_cache``), the suffix modes (``suffix_modes``), generation and chat (``hf_generate``).
@@ -39,6 +39,9 @@ DEFAULT_CONTEXT_CAP = 8192
 # Continuations per suffix batch are also limited so that the prefix KV cache, expanded
 # to the batch, stays under this many bytes (long many-shot prefixes otherwise explode).
 DEFAULT_KV_BUDGET = 2 * 1024**3
+# Prefilled prefixes kept for reuse (LRU): many-shot demonstrations, or one per class for the
+# channel ranker (SmolLM2: ~7 MB per 150-token class prompt, so 150 classes ~ 1 GiB).
+DEFAULT_PREFIX_CACHE_BYTES = 2 * 1024**3
 
 
 class TransformersLM(BaseLM):
@@ -58,7 +61,8 @@ class TransformersLM(BaseLM):
         max_batch_size: int = 16,
         context_window: int | None = None,
         context_cap: int = DEFAULT_CONTEXT_CAP,
-        prefix_cache_size: int = 1,
+        prefix_cache_size: int = 256,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         kv_budget_bytes: int = DEFAULT_KV_BUDGET,
         convert_gguf: bool = True,
         add_bos: bool | None = None,
@@ -75,6 +79,7 @@ class TransformersLM(BaseLM):
         self.max_batch_size = max_batch_size
         self.kv_budget_bytes = kv_budget_bytes
         self.prefix_cache_size = prefix_cache_size
+        self.prefix_cache_bytes = prefix_cache_bytes
         self._context_window = context_window_of(self.model, self.name, context_window, context_cap)
         self._pad_id, self._start_id, self._extra_bos = special_ids(self.tokenizer, self.source, add_bos)
 
@@ -173,11 +178,12 @@ class TransformersLM(BaseLM):
                 f"shared_prefix is {len(ids)} tokens, over {self.name}'s context window of {self._context_window}"
             )
         cache, logits = self._prefill(ids)
-        state = PrefixState(ids, cache, logits)
-        if self.prefix_cache_size > 0:
+        state = PrefixState(ids, cache, logits, cache_bytes(cache))
+        if self.prefix_cache_size > 0 and state.nbytes <= self.prefix_cache_bytes:
             self._prefixes[text] = state
-            while len(self._prefixes) > self.prefix_cache_size:
-                self._prefixes.popitem(last=False)
+            total = sum(s.nbytes for s in self._prefixes.values())
+            while len(self._prefixes) > self.prefix_cache_size or total > self.prefix_cache_bytes:
+                total -= self._prefixes.popitem(last=False)[1].nbytes
         return state
 
     def _chunk_size(self, prefix_cache: Any) -> int:

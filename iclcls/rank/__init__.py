@@ -9,6 +9,6 @@ def get_ranker(name: str, **options) -> Ranker:
 
 from iclcls.rank import fusion, generative, likelihood, retriever  # noqa: E402,F401  (register)
 from iclcls.rank import query_batch  # noqa: E402,F401  (register)
-from iclcls.rank import chat  # noqa: E402,F401  (register)
+from iclcls.rank import channel, chat  # noqa: E402,F401  (register)
 
 __all__ = ["RANKERS", "BaseRanker", "RankContext", "Ranker", "Ranking", "get_ranker"]

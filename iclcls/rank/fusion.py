@@ -54,6 +54,10 @@ class FusionRanker(BaseRanker):
         if getattr(self.inner_ranker_, "needs_lm", True) is False:
             raise ValueError("fusion mixes an LM ranker with the retriever; its inner ranker must use the LM")
 
+    @property
+    def needs_prompts(self) -> bool:
+        return getattr(self.inner_ranker_, "needs_prompts", True)
+
     def rank(self, ctx: RankContext) -> list[Ranking]:
         inner = self.inner_ranker_.rank(ctx)
         w = 0.5 if self.weight is None else float(self.weight)

@@ -11,11 +11,10 @@ reuse its KV cache across queries and batches.
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 
 from iclcls.lm.base import reduce_logprobs
+from iclcls.lm.common import accepts_shared_prefix
 from iclcls.rank.base import RANKERS, BaseRanker, RankContext, Ranking, log_softmax, sort_ranking
 from iclcls.util import common_prefix_len, query_rng
 
@@ -89,11 +88,7 @@ def shared_prefix(ctx: RankContext) -> str | None:
     Only when every prompt has the same demonstrations and the template puts them before
     anything query-specific (so the shared text holds more than the instructions).
     """
-    try:
-        params = inspect.signature(ctx.lm.score_batch).parameters
-    except (TypeError, ValueError):
-        return None
-    if "shared_prefix" not in params or not ctx.prompts:
+    if not accepts_shared_prefix(ctx.lm) or not ctx.prompts:
         return None
     demo_sets = {tuple(p.demonstrations) for p in ctx.prompts}
     if len(demo_sets) != 1:
