@@ -3,7 +3,9 @@
 One ``LM.score_batch`` call per batch (the transformers backend shares the prompt's KV
 cache across candidates). Scores are log-probabilities normalised over the candidates.
 Calibration (Zhao et al. 2021; Fei et al. 2023) divides by the label probabilities under a
-content-free input: ``contextual`` uses "N/A", ``domain`` random words from the pool.
+content-free input: ``contextual`` uses "N/A", ``domain`` random words from the pool;
+``batch`` (Zhou et al. 2024) divides by each label's mean probability over the batch's queries
+(no extra LM call; a label seen once is left as is, so one query alone is uncalibrated).
 When every prompt of a batch starts with the same demonstrations (many-shot), that shared
 text is passed as ``score_batch(..., shared_prefix=...)`` to LMs that accept it, which then
 reuse its KV cache across queries and batches.
@@ -24,8 +26,8 @@ class LikelihoodRanker(BaseRanker):
     def __init__(self, *, reduce: str = "sum", calibration: str = "none", domain_words: int = 12) -> None:
         if reduce not in ("sum", "mean", "first"):
             raise ValueError(f"likelihood reduce must be sum, mean or first, got {reduce!r}")
-        if calibration not in ("none", "contextual", "domain"):
-            raise ValueError(f"calibration must be none, contextual or domain, got {calibration!r}")
+        if calibration not in ("none", "contextual", "domain", "batch"):
+            raise ValueError(f"calibration must be none, contextual, domain or batch, got {calibration!r}")
         self.reduce = reduce
         self.calibration = calibration
         self.domain_words = domain_words
@@ -49,7 +51,7 @@ class LikelihoodRanker(BaseRanker):
         requests = [
             (p.text, [" " + verbal(lab) for lab in c.labels]) for p, c in zip(ctx.prompts, ctx.candidates)
         ]
-        if self.calibration != "none":
+        if self.calibration in ("contextual", "domain"):
             for qi, (p, c) in enumerate(zip(ctx.prompts, ctx.candidates)):
                 demos = [ctx.pool.examples[i] for i in p.demonstrations]
                 cf = ctx.builder.render(self._content_free(ctx, qi), demos, c.labels)
@@ -60,18 +62,32 @@ class LikelihoodRanker(BaseRanker):
         else:
             token_scores = ctx.lm.score_batch(requests)
         n = len(ctx.prompts)
+        raws = [np.array([reduce_logprobs(t, self.reduce) for t in token_scores[qi]]) for qi in range(n)]
+        prior = batch_prior(ctx.candidates, [log_softmax(r) for r in raws]) if self.calibration == "batch" else {}
         out = []
         for qi, c in enumerate(ctx.candidates):
-            raw = np.array([reduce_logprobs(t, self.reduce) for t in token_scores[qi]])
+            raw = raws[qi]
             scores = log_softmax(raw)
             trace = {"ranker": "likelihood", "lm_logprob": dict(zip(c.labels, raw.round(4).tolist()))}
-            if self.calibration != "none":
+            if self.calibration in ("contextual", "domain"):
                 cf = log_softmax([reduce_logprobs(t, self.reduce) for t in token_scores[n + qi]])
                 scores = log_softmax(scores - cf)
+            elif self.calibration == "batch":
+                scores = log_softmax(scores - np.array([prior.get(lab, 0.0) for lab in c.labels]))
+            if self.calibration != "none":
                 trace["calibration"] = self.calibration
             trace["lm_score"] = dict(zip(c.labels, scores.round(5).tolist()))
             out.append(sort_ranking(c.labels, scores, trace))
         return out
+
+
+def batch_prior(candidates, logps) -> dict[str, float]:
+    """Each label's log mean probability over the queries that have it (two or more)."""
+    seen: dict[str, list[float]] = {}
+    for c, lp in zip(candidates, logps):
+        for lab, v in zip(c.labels, lp):
+            seen.setdefault(lab, []).append(float(v))
+    return {lab: float(np.log(np.mean(np.exp(v)))) for lab, v in seen.items() if len(v) > 1}
 
 
 def _fixed_text(ctx: RankContext, demos: list) -> str:
