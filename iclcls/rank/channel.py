@@ -25,25 +25,39 @@ from iclcls.rank.base import RANKERS, BaseRanker, RankContext, Ranking, log_soft
 
 @RANKERS.register("channel")
 class ChannelRanker(BaseRanker):
-    """``per_class``: pool examples shown for each candidate (the most typical, nearest the class mean)."""
+    """``per_class``: pool examples shown for each candidate (the most typical, nearest the class mean).
+
+    ``equal_shots``: show every candidate of a query with as many examples as its sparsest
+    candidate has. The query's log-probability grows with the examples before it, so a class
+    with fewer examples would lose for that alone (an imbalanced pool; and in cross-validation
+    the held-out example's own class is one short, which would bias the tuning against it).
+    """
 
     needs_prompts = False  # builds its own per-class prompts; the selector's demonstrations are unused
 
-    def __init__(self, *, per_class: int = 16, show_summary: bool = True) -> None:
+    def __init__(self, *, per_class: int = 16, equal_shots: bool = True, show_summary: bool = True) -> None:
         if per_class < 0:
             raise ValueError(f"channel per_class must be >= 0, got {per_class}")
         self.per_class = per_class
+        self.equal_shots = equal_shots
         self.show_summary = show_summary
 
-    def class_examples(self, ctx: RankContext, label: str) -> list[int]:
-        """Pool positions shown for ``label``: up to ``per_class`` nearest its mean, least typical first."""
+    def class_examples(self, ctx: RankContext, label: str, k: int | None = None) -> list[int]:
+        """Pool positions shown for ``label``: up to ``k`` (``per_class``) nearest its mean, least typical first."""
+        k = self.per_class if k is None else min(k, self.per_class)
         ids = [i for i in ctx.pool.indices_of(label) if ctx.pool.examples[i].text]
-        if len(ids) > self.per_class:
+        if len(ids) > k:
             emb = ctx.pool.embeddings[ids]
             sims = emb @ emb.mean(axis=0)
-            ids = [ids[j] for j in np.argsort(-sims, kind="stable")[: self.per_class]]
+            ids = [ids[j] for j in np.argsort(-sims, kind="stable")[:k]]
             ids = ids[::-1]
         return ids
+
+    def _shots(self, ctx: RankContext, labels: list[str]) -> int:
+        if not self.equal_shots:
+            return self.per_class
+        counts = [len(ctx.pool.indices_of(lab)) for lab in labels]
+        return min([self.per_class] + [n for n in counts if n > 0])
 
     def class_prompt(self, ctx: RankContext, label: str, ids: list[int]) -> str:
         b = ctx.builder
@@ -61,29 +75,31 @@ class ChannelRanker(BaseRanker):
                 raise ValueError(f"the channel ranker scores the query's text; query {qi} has none (an image?): "
                                  "use rank='chat' for images")
         window = ctx.lm.context_window
-        wanted: dict[str, list[int]] = defaultdict(list)  # label -> queries that have it on their shortlist
+        # (label, shots) -> the queries that have the label on their shortlist
+        wanted: dict[tuple[str, int], list[int]] = defaultdict(list)
+        shots = [self._shots(ctx, list(c.labels)) for c in ctx.candidates]
         for qi, c in enumerate(ctx.candidates):
             for lab in c.labels:
-                wanted[lab].append(qi)
+                wanted[lab, shots[qi]].append(qi)
         conts = [" " + q.text for q in ctx.queries]
         query_tokens = [ctx.lm.count_tokens(t) for t in conts]
-        prompts: dict[str, str] = {}
-        shown: dict[str, list[int]] = {}
-        for lab, qs in wanted.items():
-            ids = self.class_examples(ctx, lab)
+        prompts: dict[tuple[str, int], str] = {}
+        shown: dict[tuple[str, int], list[int]] = {}
+        for (lab, k), qs in wanted.items():
+            ids = self.class_examples(ctx, lab, k)
             prompt = self.class_prompt(ctx, lab, ids)
             room = window - max(query_tokens[qi] for qi in qs) - 2
             while ids and ctx.lm.count_tokens(prompt) > room:  # drop the least typical first
                 ids = ids[1:]
                 prompt = self.class_prompt(ctx, lab, ids)
-            prompts[lab], shown[lab] = prompt, ids
-        requests = [(prompts[lab], [conts[qi] for qi in qs]) for lab, qs in wanted.items()]
+            prompts[lab, k], shown[lab, k] = prompt, ids
+        requests = [(prompts[key], [conts[qi] for qi in qs]) for key, qs in wanted.items()]
         if accepts_shared_prefix(ctx.lm):  # one call per class: its prefix's KV cache is kept
             scored = [ctx.lm.score_batch([r], shared_prefix=r[0])[0] for r in requests]
         else:
             scored = ctx.lm.score_batch(requests)
         raw: dict[tuple[int, str], float] = {}
-        for (lab, qs), tokens in zip(wanted.items(), scored):
+        for ((lab, _), qs), tokens in zip(wanted.items(), scored):
             for qi, t in zip(qs, tokens):
                 raw[qi, lab] = float(np.sum(t))
         out = []
@@ -91,7 +107,7 @@ class ChannelRanker(BaseRanker):
             logp = np.array([raw[qi, lab] for lab in c.labels])
             scores = log_softmax(logp)
             trace = {"ranker": "channel", "channel_logprob": dict(zip(c.labels, logp.round(4).tolist())),
-                     "channel_examples": {lab: shown[lab] for lab in c.labels},
+                     "channel_examples": {lab: shown[lab, shots[qi]] for lab in c.labels},
                      "lm_score": dict(zip(c.labels, scores.round(5).tolist()))}
             out.append(sort_ranking(c.labels, scores, trace))
         return out
