@@ -42,14 +42,17 @@ def data(
 @app.command()
 def demo(
     lm: str = typer.Option("smollm2", help="LM spec: smollm2, gemma3-270m, a model dir, vllm:NAME, openai:MODEL@URL"),
-    shots: int = typer.Option(4, help="demonstrations per prompt"),
+    ranker: str = typer.Option("channel", help="channel: P(text | each candidate's examples); likelihood: P(label | prompt)"),
+    shots: int = typer.Option(4, help="demonstrations per prompt (likelihood ranker)"),
     shortlist_k: int = typer.Option(4, help="candidate classes the LM ranks"),
     show: int = typer.Option(8, help="how many predictions to print"),
 ) -> None:
     """Fit on the packaged sample (a small hand-written set), predict, and show what the LM used."""
     from iclcls.data import load_benchmark
-    from iclcls.programs import knn_fusion, retriever_only
+    from iclcls.programs import knn_channel, knn_fusion, retriever_only
 
+    if ranker not in ("channel", "likelihood"):
+        _fail(f"--ranker must be channel or likelihood, got {ranker!r}")
     bench = load_benchmark("sample")
     console.print(
         f"[bold]iclcls demo[/bold]: the packaged sample dataset ({len(bench.train)} train / "
@@ -57,25 +60,31 @@ def demo(
     )
     t0 = time.time()
     retr = retriever_only(shortlist_k=shortlist_k).fit(bench.train)
-    clf = knn_fusion(lm=lm, shots=shots, shortlist_k=shortlist_k, show_progress=True).fit(bench.train)
+    if ranker == "channel":
+        clf = knn_channel(lm=lm, shortlist_k=shortlist_k, show_progress=True).fit(bench.train)
+    else:
+        clf = knn_fusion(lm=lm, shots=shots, shortlist_k=shortlist_k, show_progress=True).fit(bench.train)
     console.print(f"fitted in {time.time() - t0:.1f} s (embeddings, index, pools; no LM training)")
     t0 = time.time()
     preds = clf.predict(bench.test)
     elapsed = time.time() - t0
     retr_preds = retr.predict(bench.test)
     table = Table(title="predictions (first rows)", show_lines=True)
-    for col in ("text", "gold", "top labels (fused score)", "demonstrations used"):
+    for col in ("text", "gold", "top labels (fused score)", "examples the LM read"):
         table.add_column(col, overflow="fold")
     for ex, p in list(zip(bench.test, preds))[:show]:
         ok = "[green]✓[/green]" if p.label == ex.label else "[red]✗[/red]"
         tops = ", ".join(f"{lab} ({s:.2f})" for lab, s in zip(p.labels[:3], p.scores[:3]))
-        demos = "\n".join(f"{d.label}: {d.text[:40]}" for d in p.demonstrations[-2:])
+        shown = [d for d in p.demonstrations[-2:]] or [  # channel: the top label's own examples
+            clf.pool_.examples[i] for i in p.trace.get("channel_examples", {}).get(p.label, [])[-2:]]
+        demos = "\n".join(f"{d.label}: {d.text[:40]}" for d in shown)
         table.add_row(ex.text, ex.label, f"{ok} {tops}", demos or "-")
     console.print(table)
     acc = sum(p.label == ex.label for p, ex in zip(preds, bench.test)) / len(preds)
     racc = sum(p.label == ex.label for p, ex in zip(retr_preds, bench.test)) / len(preds)
     console.print(
         f"accuracy: pipeline [bold]{acc:.3f}[/bold] | retriever alone {racc:.3f} | "
+        f"fusion weight {clf.ranker_.weight:.2f} ({clf.tuned_.get('tuned_on', 'untuned')}) | "
         f"{elapsed / len(preds):.2f} s per query | n={len(preds)}"
     )
 

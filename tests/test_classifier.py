@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -173,4 +174,7 @@ def test_cli_fit_then_predict_round_trip(tmp_path, sample):
 def test_demo_command_runs_offline():
     r = CliRunner().invoke(app, ["demo", "--show", "3"])
     assert r.exit_code == 0, r.output
-    assert "accuracy: pipeline" in r.output and "demonstrations used" in r.output
+    m = re.search(r"accuracy: pipeline ([\d.]+) \| retriever alone ([\d.]+)", r.output)
+    assert m, r.output
+    assert float(m[1]) >= float(m[2]), "the demo's pipeline (channel ranker, CV-tuned fusion) is at least its retriever"
+    assert "examples the LM" in r.output
