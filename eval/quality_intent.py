@@ -4,13 +4,14 @@ BANKING77 / CLINC150 (no out-of-scope), 10-shot pools (dialoglue_splits/*/train_
 fixed seeded subset of the test set. Everything is chosen without test data: the shortlister
 (1-NN, class mean, kNN vote, ECL) by cross-validation accuracy on the pool, the fusion weight
 and the conformal calibration on cross-validation predictions of the pool (``fit``'s default;
-``--tune validation`` uses a seeded validation subset instead). Reports each retriever, the LM
+``--tune validation`` uses a seeded validation subset instead), and the LM ranker (direct label
+likelihood or noisy channel, ``--ranker cv``) by the tuned pool CV accuracy. Reports each retriever, the LM
 alone over the shortlist, the pipeline, the paired bootstrap 95% interval of (pipeline - its
 own retriever), and conformal coverage / mean set size at ``--alpha``.
 
     python eval/quality_intent.py --dataset banking77 --n 500 --lm smollm2
 
-Writes eval/results/quality_{dataset}_{lm}.json. Predictions are checkpointed per batch
+Writes eval/results/quality_{dataset}_{lm}.json (with `_{embedder}` appended for a non-default embedder). Predictions are checkpointed per batch
 (iclcls.experiment.PredictionCheckpoint, in quality_{dataset}_{lm}.checkpoint/), so an
 interrupted run with the same options resumes where it stopped.
 """
@@ -88,13 +89,14 @@ def main(argv=None) -> dict:
     out["best_retriever_on_test"] = max(retrievers, key=lambda k: out[k])  # for reference only
     out["shortlist_recall_at_10"] = float(np.mean([e.label in p.candidates[:10] for p, e in zip(retr_preds[best], test)]))
 
+    suffix = f"_{args.embedder}" if args.embedder else ""  # MiniLM (the default) keeps the plain names
     if args.lm != "none":
         # The checkpoint's key is everything that decides the predictions: an interrupted run
         # resumes, and one of other options or data is refused (before fitting), never merged.
         settings = {k: getattr(args, k) for k in ("dataset", "n", "n_val", "lm", "shots", "shortlist_k", "seed",
                                                   "tune", "cv_size", "embedder", "ranker")} | {"shortlist": best}
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        tag = args.lm.replace("/", "_").replace(":", "_")
+        tag = args.lm.replace("/", "_").replace(":", "_") + suffix
         checkpoint = PredictionCheckpoint(RESULTS / f"quality_{args.dataset}_{tag}.checkpoint", key, force=args.force)
         presets = {"likelihood": lambda: knn_fusion(lm=lm, shots=args.shots, shortlist_k=args.shortlist_k, embedder=args.embedder),
                    "channel": lambda: knn_channel(lm=lm, shortlist_k=args.shortlist_k, embedder=args.embedder)}
@@ -138,7 +140,7 @@ def main(argv=None) -> dict:
         out["conformal_mean_set_size"] = float(np.mean([len(st) for st in sets]))
         out["shortlist_recall_at_10_pipeline"] = float(np.mean([e.label in p.candidates for p, e in zip(preds, test)]))
     else:
-        tag = "none"
+        tag = "none" + suffix
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"quality_{args.dataset}_{tag}.json"
     atomic_write_json(path, out)
