@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import json
 import logging
 import threading
@@ -32,6 +31,7 @@ import diskcache
 import numpy as np
 
 from iclcls.lm.base import BaseLM, Conversation, ScoreRequest
+from iclcls.lm.common import accepts_shared_prefix
 from iclcls.lm.models import cache_dir as default_cache_dir
 
 KEY_VERSION = 2  # 2: keys carry the model identity (weights hash), not only its name
@@ -129,10 +129,7 @@ class CachedLM(BaseLM):
         self.identity = model_identity(lm)
         self.directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "lm_requests"
         self._store = diskcache.Cache(str(self.directory), disk=_TextOnlyDisk, size_limit=size_limit)
-        try:
-            self._takes_prefix = "shared_prefix" in inspect.signature(lm.score_batch).parameters
-        except (TypeError, ValueError):
-            self._takes_prefix = False
+        self._takes_prefix = accepts_shared_prefix(lm)
         self._count_lock = threading.Lock()
         self.hits = 0
         self.misses = 0
