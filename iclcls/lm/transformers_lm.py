@@ -61,7 +61,7 @@ class TransformersLM(BaseLM):
         max_batch_size: int = 16,
         context_window: int | None = None,
         context_cap: int = DEFAULT_CONTEXT_CAP,
-        prefix_cache_size: int = 256,
+        prefix_cache_size: int = 1024,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         kv_budget_bytes: int = DEFAULT_KV_BUDGET,
         convert_gguf: bool = True,
