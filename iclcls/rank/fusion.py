@@ -78,7 +78,8 @@ class FusionRanker(BaseRanker):
         best = int(np.argmax(acc))  # first max = smallest weight
         self.weight = float(weights[best])
         return {"fusion_weight": self.weight, "validation_accuracy": float(acc[best]),
-                "validation_accuracy_retriever": float(acc[0]), "validation_accuracy_lm": float(acc[-1])}
+                "validation_accuracy_retriever": float(acc[0]), "validation_accuracy_lm": float(acc[-1]),
+                "accuracy_by_weight": {f"{w:.2f}": round(float(a), 4) for w, a in zip(weights, acc)}}
 
     def rescore(self, trace: Mapping[str, Any]) -> Ranking:
         """A ranking at the current weight from a fusion trace: tuning re-scores without the LM."""
