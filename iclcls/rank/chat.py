@@ -18,7 +18,7 @@ import inspect
 import numpy as np
 
 from iclcls.rank.base import RANKERS, BaseRanker, RankContext, Ranking
-from iclcls.rank.query_batch import BatchedGenerativeRanker, parse_indexed
+from iclcls.rank.query_batch import BatchedGenerativeRanker, collect_answers
 
 
 def accepts_choices(lm: object) -> bool:
@@ -107,14 +107,10 @@ class BatchedChatRanker(BatchedGenerativeRanker):
             convs.append(b.batch_messages([ctx.queries[qi].example for qi in ch], demos, cands))
         longest = max(len(ch) for ch in chunks)
         texts = ctx.lm.chat(convs, max_tokens=self.max_tokens_per_query * longest + 4, temperature=0.0)
-        mapped, raw = {}, {}
-        for ch, text in zip(chunks, texts):
-            answers = parse_indexed("1:" + text, len(ch))
-            for pos, qi in enumerate(ch, 1):
-                if pos in answers:
-                    raw[qi] = answers[pos]
-                    verbal = {b.verbalize(lab): lab for lab in ctx.pool.labels}
-                    lab = ChatRanker._map(answers[pos], verbal)
-                    if lab:
-                        mapped[qi] = [(lab, 1.0, "exact")]
-        return mapped, raw
+        verbal = {b.verbalize(lab): lab for lab in ctx.pool.labels}  # once, not per answer
+
+        def map_answer(answer: str) -> list | None:
+            lab = ChatRanker._map(answer, verbal)
+            return [(lab, 1.0, "exact")] if lab else None
+
+        return collect_answers(chunks, texts, map_answer)

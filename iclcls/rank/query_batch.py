@@ -22,6 +22,21 @@ from iclcls.rank.generative import GenerativeRanker
 _LINE = re.compile(r"^\s*(\d+)\s*[:.)\-]\s*(.*?)\s*$")
 
 
+def collect_answers(chunks, texts, map_answer) -> tuple[dict[int, list], dict[int, str]]:
+    """Each chunk's numbered answers ("1: ...", "2: ...") to its queries: the raw answer per
+    query, and the mapped labels where ``map_answer`` finds any."""
+    mapped, raw = {}, {}
+    for ch, text in zip(chunks, texts):
+        answers = parse_indexed("1:" + text, len(ch))
+        for pos, qi in enumerate(ch, 1):
+            if pos in answers:
+                raw[qi] = answers[pos]
+                m = map_answer(answers[pos])
+                if m:
+                    mapped[qi] = m
+    return mapped, raw
+
+
 def parse_indexed(text: str, n: int) -> dict[int, str]:
     """``"1: a\\n2: b"`` -> ``{1: "a", 2: "b"}`` for indices 1..n (first answer per index wins)."""
     out: dict[int, str] = {}
@@ -80,16 +95,7 @@ class BatchedGenerativeRanker(BaseRanker):
         prompts = [self.batch_prompt(ctx, ch) for ch in chunks]
         longest = max(len(ch) for ch in chunks)
         texts = ctx.lm.generate(prompts, max_tokens=self.max_tokens_per_query * longest + 4, temperature=0.0)
-        mapped, raw = {}, {}
-        for ch, text in zip(chunks, texts):
-            answers = parse_indexed("1:" + text, len(ch))
-            for pos, qi in enumerate(ch, 1):
-                if pos in answers:
-                    raw[qi] = answers[pos]
-                    m = self._mapper.map_answer(answers[pos], ctx)
-                    if m:
-                        mapped[qi] = m
-        return mapped, raw
+        return collect_answers(chunks, texts, lambda answer: self._mapper.map_answer(answer, ctx))
 
     def rank(self, ctx: RankContext) -> list[Ranking]:
         if ctx.lm is None:
