@@ -1,11 +1,21 @@
 // The iclcls page: classify pasted texts, show ranked labels and the demonstrations the
-// LM saw, add a class from example lines. All text goes in via textContent (never HTML).
+// LM saw, add a class from example lines, list the classes (on load, and again whenever the
+// API key changes). All text goes in via textContent (never HTML).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const keyInput = $("api-key");
 keyInput.value = sessionStorage.getItem("iclcls-key") || "";
-keyInput.addEventListener("change", () => { sessionStorage.setItem("iclcls-key", keyInput.value); refreshClasses(); });
+let keyTimer = null;
+function keyChanged() {
+  clearTimeout(keyTimer);
+  keyTimer = null;
+  sessionStorage.setItem("iclcls-key", keyInput.value);
+  refreshClasses();
+}
+// as the key is typed (after a pause), and at once on Enter / leaving the field
+keyInput.addEventListener("input", () => { clearTimeout(keyTimer); keyTimer = setTimeout(keyChanged, 400); });
+keyInput.addEventListener("change", () => { if (keyTimer !== null) keyChanged(); });
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -26,10 +36,15 @@ async function api(method, path, body) {
   try { data = await resp.json(); } catch (e) { data = null; }
   if (!resp.ok) {
     const msg = data && data.error ? data.error.message : resp.statusText;
-    throw new Error(resp.status + ": " + msg);
+    throw new Error(resp.status + ": " + (AUTH_HINTS[resp.status] || msg));
   }
   return data;
 }
+
+const AUTH_HINTS = {
+  401: "this server needs an API key: type it in the API key field at the top",
+  403: "the API key was refused: it is wrong, or this needs the admin key",
+};
 
 function setStatus(id, text, isError) {
   const s = $(id);
@@ -100,13 +115,26 @@ $("add-class").addEventListener("click", async () => {
   }
 });
 
+let listing = 0; // the latest listing wins when the key changes while one is in flight
+
 async function refreshClasses() {
+  const mine = ++listing;
+  setStatus("classes-status", "loading the classes…");
   try {
     const data = await api("GET", "/v1/classes");
+    if (mine !== listing) return;
     $("class-count").textContent = "(" + data.count + ")";
-    $("classes").replaceChildren(...data.classes.map((c) => el("li", null, c.label + " (" + c.examples + ")")));
+    $("classes").replaceChildren(...data.classes.map((c) => {
+      const li = el("li", null, c.label + " (" + c.examples + ")");
+      if (c.description) li.title = c.description;
+      return li;
+    }));
+    setStatus("classes-status", data.count ? "" : "no classes yet");
   } catch (e) {
-    $("class-count").textContent = "(" + e.message + ")";
+    if (mine !== listing) return;
+    $("class-count").textContent = "";
+    $("classes").replaceChildren();
+    setStatus("classes-status", "cannot list the classes: " + e.message, true);
   }
 }
 
