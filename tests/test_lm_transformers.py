@@ -47,11 +47,17 @@ def assert_close_lists(got, want, tol=TOL):
         np.testing.assert_allclose(a, b, atol=tol)
 
 
-@pytest.fixture(params=["packed", "batched"])
+PATHS = [("tree", "packed"), ("per_request", "packed"), ("per_request", "batched")]
+
+
+@pytest.fixture(params=PATHS, ids=["tree", "per_request-packed", "per_request-batched"])
 def suffix_mode(request, smollm, monkeypatch) -> str:
-    """Run a test with each way of scoring the suffixes on the shared prefix."""
-    monkeypatch.setattr(smollm, "suffix_mode", request.param)
-    return request.param
+    """Run a test on each scoring path: many requests per forward (tree), or one prefill per
+    request with its suffixes packed (tree mask) or batched (padded rows)."""
+    batch_mode, suffix = request.param
+    monkeypatch.setattr(smollm, "batch_mode", batch_mode)
+    monkeypatch.setattr(smollm, "suffix_mode", suffix)
+    return suffix
 
 
 @pytest.mark.parametrize("prompt,conts", CASES, ids=[f"K={len(c)}" for _, c in CASES])
@@ -78,6 +84,42 @@ def test_batch_of_requests_with_shared_and_duplicate_continuations(smollm, suffi
     for (prompt, conts), scores in zip(requests[:2], got[:2]):
         assert_close_lists(scores, smollm.score_naive(prompt, conts))
     assert not np.allclose(got[0][0], got[1][0])  # same label, different prompt
+
+
+def varied_requests(data_dir):
+    """Prompts of 5-300 tokens, 0-12 candidates, single- and multi-token labels, duplicates."""
+    rows = list(csv.DictReader(open(data_dir / "dialoglue_splits" / "banking" / "train_10.csv", newline="")))
+    labels = sorted({r["category"] for r in rows})
+    reqs = []
+    for i in range(14):
+        demos = "".join(f"Message: {r['text']}\nIntent: {r['category']}\n" for r in rows[i * 7 : i * 7 + i % 9])
+        cands = [" " + labels[(i * 5 + k) % len(labels)] for k in range(i % 13)]
+        if i % 4 == 1:
+            cands += cands[:2] + ["", " x", "?"]  # duplicates, an empty and single-token continuations
+        reqs.append((f"Classify.\n{demos}Message: {rows[200 + i]['text']}\nIntent:", cands))
+    reqs += [("", ["Hello world", "", " x"]), ("x", [])]
+    return reqs
+
+
+@pytest.mark.parametrize("budget", [64, 2048])
+def test_batched_requests_equal_the_per_request_path(smollm, data_dir, monkeypatch, budget):
+    """Scores of many requests per forward equal one prefill per request (1e-4, float32),
+    so every saved result stays valid; a small token budget splits the batch into chunks."""
+    reqs = varied_requests(data_dir)
+    monkeypatch.setattr(smollm, "batch_mode", "per_request")
+    want = smollm.score_batch(reqs)
+    monkeypatch.setattr(smollm, "batch_mode", "tree")
+    monkeypatch.setattr(smollm, "max_batch_tokens", budget)
+    got = smollm.score_batch(reqs)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert_close_lists(g, w, tol=1e-4)
+    assert sum(len(t) > 1 for g in got for t in g) > 10  # multi-token labels exercised
+
+
+def test_bad_batch_mode_is_rejected(smollm):
+    with pytest.raises(ValueError, match="batch_mode"):
+        smollm._choose_batch_mode("rows")
 
 
 def test_empty_prompt_and_empty_continuation(smollm):
@@ -110,7 +152,9 @@ def test_shared_prefix_equals_plain_path(smollm, suffix_mode, data_dir):
     assert_close_lists(again[0], plain[0])
 
 
-def test_shared_prefix_merging_at_the_boundary(smollm):
+@pytest.mark.parametrize("batch_mode", ["tree", "per_request"])
+def test_shared_prefix_merging_at_the_boundary(smollm, monkeypatch, batch_mode):
+    monkeypatch.setattr(smollm, "batch_mode", batch_mode)
     # The prefix ends mid-word: "...Intent: car" + "d_arrival..." re-tokenises across the
     # boundary, so the cached prefix must be cropped before reuse.
     prefix = "Messages about cards.\nIntent: car"
@@ -176,6 +220,9 @@ def test_gemma3_270m_loads_and_scores_exactly():
     conts = [" Paris", " yes", " no, it is not", "!"]
     for p in (prompt, long_prompt):
         want = lm.score_naive(p, conts)
-        for mode in ("packed", "batched"):
-            lm.suffix_mode = mode
+        for batch_mode, mode in PATHS:
+            lm.batch_mode, lm.suffix_mode = batch_mode, mode
             assert_close_lists(lm.score_tokens(p, conts), want)
+    lm.batch_mode = "tree"  # both prompts in one forward: sliding and full layers in one tree mask
+    both = lm.score_batch([(prompt, conts), (long_prompt, conts)])
+    assert_close_lists(both[1], lm.score_naive(long_prompt, conts))

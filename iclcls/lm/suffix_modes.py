@@ -62,7 +62,7 @@ def choose_suffix_mode(mode: str, *, attn_impl: str, kinds: dict | None, name: s
     return mode
 
 
-def _format_mask(allowed: torch.Tensor, attn_impl: str, dtype: torch.dtype) -> torch.Tensor:
+def format_mask(allowed: torch.Tensor, attn_impl: str, dtype: torch.dtype) -> torch.Tensor:
     """Boolean "may attend" for SDPA; additive float (0 / -inf-ish) for eager attention."""
     if attn_impl == "sdpa":
         return allowed
@@ -100,7 +100,7 @@ def packed_logits(
         else:  # the sliding layers keep only the prefix's last ``kept`` keys
             kpos = torch.arange(length - sliding_kept(cache, length), length, device=device)
             m = torch.cat([(p[:, None] - kpos[None, :]) < window, own & ((p[:, None] - p[None, :]) < window)], 1)
-        masks[kind] = _format_mask(m[None, None], attn_impl, dtype)
+        masks[kind] = format_mask(m[None, None], attn_impl, dtype)
     out = model(
         input_ids=torch.tensor([ids], device=device),
         position_ids=p[None],

@@ -31,8 +31,9 @@ from iclcls.lm.common import check_choices, likeliest
 from iclcls.lm.gguf import gguf_metadata_value  # noqa: F401  (re-exported: it lived here)
 from iclcls.lm.hf_generate import generate_ids, render_chat
 from iclcls.lm.hf_loading import context_window_of, load_causal_lm, special_ids
-from iclcls.lm.kv_cache import PrefixState, cache_bytes, start_from_prefix
+from iclcls.lm.kv_cache import PrefixState, cache_bytes, fork_cache, start_from_prefix
 from iclcls.lm.suffix_modes import Encoded, batched_logits, choose_suffix_mode, layer_kinds, packed_logits
+from iclcls.lm.tree_batch import Prefix, TreeRequest, tree_scores
 from iclcls.util import common_prefix_len
 
 DEFAULT_CONTEXT_CAP = 8192
@@ -42,6 +43,10 @@ DEFAULT_KV_BUDGET = 2 * 1024**3
 # Prefilled prefixes kept for reuse (LRU): many-shot demonstrations, or one per class for the
 # channel ranker (SmolLM2: ~7 MB per 150-token class prompt, so 150 classes ~ 1 GiB).
 DEFAULT_PREFIX_CACHE_BYTES = 2 * 1024**3
+# Tokens per batched scoring forward (``batch_mode="tree"``): prompts and candidate suffixes
+# of many requests together. A GPU wants wide forwards; on a CPU wider gains little.
+DEFAULT_BATCH_TOKENS_GPU = 16384
+DEFAULT_BATCH_TOKENS_CPU = 2048
 
 
 class TransformersLM(BaseLM):
@@ -67,6 +72,8 @@ class TransformersLM(BaseLM):
         convert_gguf: bool = True,
         add_bos: bool | None = None,
         suffix_mode: str = "auto",
+        batch_mode: str = "auto",
+        max_batch_tokens: int | None = None,
         attn_implementation: str | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -86,12 +93,30 @@ class TransformersLM(BaseLM):
         self._attn_impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
         self._layer_kinds = layer_kinds(self.model.config.get_text_config(decoder=True))
         self.suffix_mode = self._choose_suffix_mode(suffix_mode)
+        self.batch_mode = self._choose_batch_mode(batch_mode)
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.max_batch_tokens = max_batch_tokens or (
+            DEFAULT_BATCH_TOKENS_GPU if self.device.type == "cuda" else DEFAULT_BATCH_TOKENS_CPU)
 
         self._lock = threading.RLock()
         self._prefixes: OrderedDict[str, PrefixState] = OrderedDict()
 
     def _choose_suffix_mode(self, mode: str) -> str:
         return choose_suffix_mode(mode, attn_impl=self._attn_impl, kinds=self._layer_kinds, name=self.name)
+
+    def _choose_batch_mode(self, mode: str) -> str:
+        """``tree``: many requests per forward (``tree_batch``); ``per_request``: one prefill each."""
+        treeable = (self.suffix_mode == "packed" and hasattr(self.model, "get_decoder")
+                    and self.model.get_output_embeddings() is not None)
+        if mode == "auto":
+            return "tree" if treeable else "per_request"
+        if mode == "tree" and not treeable:
+            raise ValueError(f"{self.name}: batch_mode='tree' needs the packed suffix mode (sdpa or eager "
+                             "attention, full/sliding layers); use 'per_request'")
+        if mode not in ("tree", "per_request"):
+            raise ValueError(f"batch_mode must be 'auto', 'tree' or 'per_request', got {mode!r}")
+        return mode
 
     @classmethod
     def from_name(cls, name: str = "smollm2", **options: Any) -> BaseLM:
@@ -238,7 +263,8 @@ class TransformersLM(BaseLM):
     def score_batch(
         self, requests: Sequence[ScoreRequest], *, shared_prefix: str | None = None
     ) -> list[list[np.ndarray]]:
-        """Per-token log-probs of every continuation; one prefill per request (see module doc).
+        """Per-token log-probs of every continuation (see module doc): many requests per
+        forward (``batch_mode="tree"``) or one prefill per request (``"per_request"``).
 
         ``shared_prefix``: text every prompt starts with (e.g. many-shot demonstrations); its
         KV cache is computed once and reused across requests and calls.
@@ -257,23 +283,59 @@ class TransformersLM(BaseLM):
                     self._check_length(i, c, e)
                 encoded.append(encs)
             prefix = self._prefix_state(shared_prefix) if shared_prefix is not None else None
+            trees: list[TreeRequest | None] = []
             for encs in encoded:
-                if not encs:
+                # Deduplicate identical tokenisations (the same label twice costs nothing).
+                uniq = list(dict.fromkeys(encs))
+                if not uniq:
+                    trees.append(None)
+                    continue
+                length = min(common_prefix_len(*[e.ids for e in uniq]), min(e.split for e in uniq))
+                trees.append(TreeRequest(uniq, length))
+            live = [t for t in trees if t is not None]
+            if self.batch_mode == "tree":
+                scored = iter(self._score_trees(live, prefix))
+            else:
+                scored = iter([self._score_one(t, prefix) for t in live])
+            for encs, tree in zip(encoded, trees):
+                if tree is None:
                     out.append([])
                     continue
-                # Deduplicate identical tokenisations (the same label twice costs nothing).
-                unique: dict[Encoded, int] = {}
-                for e in encs:
-                    unique.setdefault(e, len(unique))
-                uniq = list(unique)
-                length = min(common_prefix_len(*[e.ids for e in uniq]), min(e.split for e in uniq))
-                if prefix is not None:
-                    cache, last = start_from_prefix(prefix, uniq[0].ids, length, self._prefill)
-                else:
-                    cache, last = self._prefill(uniq[0].ids[:length])
-                scores = self._score_on_prefix(cache, last, length, uniq)
-                out.append([scores[unique[e]].copy() for e in encs])
+                scores = next(scored)
+                index = {e: k for k, e in enumerate(tree.encs)}
+                out.append([scores[index[e]].copy() for e in encs])
         return out
+
+    def _score_one(self, tree: TreeRequest, prefix: PrefixState | None) -> list[np.ndarray]:
+        """The per-request path: prefill the prompt (batch 1), then its suffixes on that cache."""
+        uniq, length = list(tree.encs), tree.length
+        if prefix is not None:
+            cache, last = start_from_prefix(prefix, uniq[0].ids, length, self._prefill)
+        else:
+            cache, last = self._prefill(uniq[0].ids[:length])
+        return self._score_on_prefix(cache, last, length, uniq)
+
+    def _score_trees(self, trees: Sequence[TreeRequest], prefix: PrefixState | None) -> list[list[np.ndarray]]:
+        """The batched path: many requests per forward (``tree_batch``), on the shared prefix if any."""
+        start = self._tree_prefix(prefix, trees) if prefix is not None else None
+        return tree_scores(self.model, trees, prefix=start, kinds=self._layer_kinds or {"full_attention": None},
+                           attn_impl=self._attn_impl, dtype=self.dtype, device=self.device, pad_id=self._pad_id,
+                           token_budget=self.max_batch_tokens)
+
+    def _tree_prefix(self, prefix: PrefixState, trees: Sequence[TreeRequest]) -> Prefix | None:
+        """The cached prefix's part every request starts with (cropped if a prompt re-tokenised its end)."""
+        keep = min([len(prefix.ids)] + [common_prefix_len(prefix.ids, t.encs[0].ids[: t.length]) for t in trees])
+        if keep == len(prefix.ids):
+            return Prefix(prefix.cache, keep, prefix.last_logits)
+        keep = min([keep] + [t.length - 1 for t in trees])  # each request then has a prompt token to run
+        if keep < 1:
+            return None
+        fork = fork_cache(prefix.cache)
+        try:
+            fork.crop(-(len(prefix.ids) - keep))
+        except (RuntimeError, ValueError):  # sliding-window layers past their window cannot crop
+            return None
+        return Prefix(fork, keep, prefix.last_logits)  # last_logits unused: every request has prompt tokens
 
     def score_naive(self, prompt: str, continuations: Sequence[str]) -> list[np.ndarray]:
         """One full forward per continuation: the reference for ``score_batch`` (and its baseline)."""
