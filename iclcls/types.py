@@ -325,3 +325,25 @@ def _jsonable(x: Any) -> Any:
 
 def labels_of(examples: Sequence[Example]) -> list[tuple[str, ...]]:
     return [ex.labels for ex in examples]
+
+
+def check_text(text: str, where: str) -> str:
+    """``text`` if the tokenizer and the JSON/UTF-8 writers can take it; else ValueError naming ``where``.
+
+    A lone surrogate (JSON ``"ab\\ud800cd"``) cannot be encoded as UTF-8, so the tokenizer raises a
+    TypeError deep inside a batch and every text batched with it fails; a NUL byte is cut or
+    refused by C tokenizers, CSV writers and many log readers. Checking at each boundary (serve,
+    label, predict, fit) makes one bad text fail alone, with a message that says which one.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{where}: contains a lone surrogate {text[e.start]!r} at character {e.start} (not valid Unicode text)"
+        ) from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise ValueError(f"{where}: contains a NUL character at character {nul}")
+    return text
