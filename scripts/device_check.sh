@@ -5,9 +5,12 @@
 #   bash scripts/device_check.sh            # within ~5 minutes; writes eval/results/*_gpu.json
 #
 # 1. the `gpu`-marked tests (pytest -m gpu), results in eval/results/device_check_tests.json;
-# 2. eval/bench_classify.py for the transformers path on the GPU (bf16 where the card supports
+# 2. eval/bench_gpu.py: iclcls against plain prefills of its prompts (SmolLM2, and a random-weight
+#    8B-shaped Llama built on the GPU), and retriever-only `label` against the embedder alone,
+#    written to eval/results/bench_gpu.json ($BENCH_GPU_ARGS adds or overrides options);
+# 3. eval/bench_classify.py for the transformers path on the GPU (bf16 where the card supports
 #    it, else fp16; device placement explicit: --device cuda:0), written to
-#    eval/results/bench_classify_gpu.json.
+#    eval/results/bench_classify_gpu.json, in the time left.
 #
 # Python: $PYTHON, else .venv/bin/python, else python3 -- it needs a CUDA build of torch
 # (the CPU venv of scripts/install.sh has none). Data: ../shared/data or $ICLCLS_DATA.
@@ -49,7 +52,7 @@ EOF
 
 rc=0
 echo "== gpu tests (pytest -m gpu), $(left) s left"
-timeout $(( $(left) / 3 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+timeout $(( $(left) / 4 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
   --junitxml="$OUT/device_check_tests.xml" tests/ || rc=1
 "$PY" - "$OUT/device_check_tests.xml" "$OUT/device_check_tests.json" <<'EOF' || true
 import json, sys, xml.etree.ElementTree as ET
@@ -58,6 +61,10 @@ suite = root if root.tag == "testsuite" else root.find("testsuite")
 keys = ("tests", "failures", "errors", "skipped", "time")
 json.dump({k: suite.get(k) for k in keys}, open(sys.argv[2], "w"), indent=1)
 EOF
+
+echo "== bench_gpu.py, $(left) s left"
+timeout $(( $(left) * 2 / 3 )) "$PY" eval/bench_gpu.py --device cuda:0 ${BENCH_GPU_ARGS:-} \
+  --out "$OUT/bench_gpu.json" || rc=1
 
 echo "== bench_classify.py, transformers on cuda:0 ($DTYPE), $(left) s left"
 timeout $(( $(left) - 5 )) "$PY" eval/bench_classify.py --systems transformers prefill_limit openicl_ppl \

@@ -30,7 +30,8 @@ from iclcls.lm.base import BaseLM, Conversation, ScoreRequest
 from iclcls.lm.common import check_choices, likeliest
 from iclcls.lm.gguf import gguf_metadata_value  # noqa: F401  (re-exported: it lived here)
 from iclcls.lm.hf_generate import generate_ids, render_chat
-from iclcls.lm.hf_loading import context_window_of, load_causal_lm, special_ids
+from iclcls.lm.hf_loading import Loaded, context_window_of, load_causal_lm, special_ids
+from iclcls.lm.models import ModelSource
 from iclcls.lm.kv_cache import PrefixState, cache_bytes, fork_cache, start_from_prefix
 from iclcls.lm.suffix_modes import Encoded, batched_logits, choose_suffix_mode, layer_kinds, packed_logits
 from iclcls.lm.tree_batch import Prefix, TreeRequest, tree_scores
@@ -75,11 +76,13 @@ class TransformersLM(BaseLM):
         batch_mode: str = "auto",
         max_batch_tokens: int | None = None,
         attn_implementation: str | None = None,
+        loaded: Loaded | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        loaded = load_causal_lm(model, gguf_file=gguf_file, device=device, dtype=dtype,
-                                convert_gguf=convert_gguf, attn_implementation=attn_implementation)
+        if loaded is None:
+            loaded = load_causal_lm(model, gguf_file=gguf_file, device=device, dtype=dtype,
+                                    convert_gguf=convert_gguf, attn_implementation=attn_implementation)
         self.source, self.tokenizer, self.model = loaded.source, loaded.tokenizer, loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
         self.name = f"transformers:{self.source.name}"
@@ -117,6 +120,14 @@ class TransformersLM(BaseLM):
         if mode not in ("tree", "per_request"):
             raise ValueError(f"batch_mode must be 'auto', 'tree' or 'per_request', got {mode!r}")
         return mode
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, *, name: str, **options: Any) -> TransformersLM:
+        """Wrap a model already built in memory (e.g. random weights of a given shape, to measure
+        speed without writing gigabytes to disk); its device and dtype are the model's own."""
+        param = next(model.parameters())
+        loaded = Loaded(ModelSource(name, name, chat=False), tokenizer, model.eval(), param.device, param.dtype)
+        return cls(name, loaded=loaded, **options)
 
     @classmethod
     def from_name(cls, name: str = "smollm2", **options: Any) -> BaseLM:
