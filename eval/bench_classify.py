@@ -13,8 +13,10 @@ demonstrations (MiniLM embeddings over the 10-shot pool) wherever they apply:
                  demonstrations, no candidate list) + each of the 77 labels, one full forward
                  per label, nothing reused; the label with the highest log-prob wins.
                  Run on the first ``--n-openicl`` queries only (it is ~77 prefills a query).
-  transformers   ICLClassifier, likelihood rank, TransformersLM (one prefill per prompt, the
-                 shortlist's label suffixes scored on its KV cache).
+  transformers   ICLClassifier, likelihood rank, TransformersLM (the predict batch's prompts and
+                 their shortlisted labels' suffixes scored many per forward, tree-masked rows).
+  transformers_per_request  the same, one prefill per prompt (batch 1), the label suffixes
+                 scored on its KV cache: the path before batching.
   vllm_engine    the same classifier on the in-process vLLM engine (one score call per
                  predict batch, prompts prefilled once to warm the prefix cache).
   vllm_server    the same classifier through a vLLM OpenAI-compatible server on 127.0.0.1
@@ -42,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "eval" / "results"
-SYSTEMS = ["openicl_ppl", "transformers", "vllm_engine", "vllm_server", "prefill_limit"]
+SYSTEMS = ["openicl_ppl", "transformers", "transformers_per_request", "vllm_engine", "vllm_server", "prefill_limit"]
 
 
 def log(msg: str) -> None:
@@ -284,7 +286,13 @@ def main() -> None:
             preds, seconds = timed_predict(clf, [e.text for e in test])
             if "transformers" in args.systems:
                 rows.append(row("transformers", len(test), seconds, accuracy(preds, test),
-                                sum(p.prompt_tokens for p in preds), device=device))
+                                sum(p.prompt_tokens for p in preds), device=device, batch_mode=lm.batch_mode))
+        if "transformers_per_request" in args.systems:  # the older path: one prefill per request
+            default_mode, lm.batch_mode = lm.batch_mode, "per_request"
+            pr_preds, seconds = timed_predict(clf, [e.text for e in test])
+            lm.batch_mode = default_mode
+            rows.append(row("transformers_per_request", len(test), seconds, accuracy(pr_preds, test),
+                            sum(p.prompt_tokens for p in pr_preds), device=device, batch_mode="per_request"))
         meta = {"threads": args.threads, "machine": platform.processor() or platform.machine(),
                 "cpus": os.cpu_count(), "shots": args.shots, "shortlist": args.shortlist,
                 "batch_size": args.batch_size}

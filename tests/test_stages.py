@@ -163,3 +163,49 @@ def test_label_retriever_uses_guesses_and_priors(embedder):
     assert sl.shortlist([q], 1)[0].labels == ["driving a truck"]
     pri = get_shortlister("label_retriever", priors={"cooking pasta": 1.0}, prior_a=1e6).fit(clf.pool_)
     assert pri.shortlist([q], 1)[0].labels == ["cooking pasta"]
+
+
+def _knn_vote_by_loop(sh, queries, k):
+    """The kNN vote summed neighbour by neighbour (the definition the vectorised path must equal)."""
+    q = np.stack([x.embedding for x in queries]).astype(np.float32)
+    sims, ids = sh.pool_.search(q, sh.neighbors)
+    mean_sims = q @ sh.means_.T
+    out = []
+    for row in range(len(q)):
+        votes: dict[str, float] = {}
+        valid = ids[row] >= 0
+        best = float(sims[row][valid].max())
+        for s, i in zip(sims[row][valid], ids[row][valid]):
+            w = float(np.exp((s - best) / sh.temperature))
+            for lab in sh.pool_.examples[i].labels:
+                votes[lab] = votes.get(lab, 0.0) + w
+        labels, scores = list(votes), [votes[lab] for lab in votes]
+        for lab, ms in zip(sh.mean_labels_, mean_sims[row]):
+            if lab not in votes:
+                labels.append(lab)
+                scores.append(-1.0 + (float(ms) + 1.0) / 4.0)
+        order = np.argsort(-np.array(scores), kind="stable")[:k]
+        out.append(([labels[i] for i in order], np.array(scores)[order]))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 10, 77])
+def test_knn_vote_vectorised_equals_the_neighbour_loop(pool, banking, k):
+    sh = get_shortlister("knn_vote").fit(pool)
+    qs = queries(pool, [e.text for e in banking[1][:120]])
+    got = sh.shortlist(qs, k)
+    for c, (labels, scores) in zip(got, _knn_vote_by_loop(sh, qs, k)):
+        assert c.labels == labels
+        np.testing.assert_array_equal(c.scores, scores)
+
+
+def test_knn_vote_multi_label_examples_vote_for_each_label(embedder):
+    pool = Pool(embedder)
+    pool.extend([Example("card lost", ("card", "lost")), Example("card stolen", ("card", "stolen")),
+                 Example("hello there", ("greeting",))])
+    sh = get_shortlister("knn_vote", neighbors=3).fit(pool)
+    qs = queries(pool, ["my card was lost", "hi"])
+    got = sh.shortlist(qs, 4)
+    want = _knn_vote_by_loop(sh, qs, 4)
+    assert [c.labels for c in got] == [w[0] for w in want]
+    assert got[0].labels[0] == "card"  # two neighbours vote for it

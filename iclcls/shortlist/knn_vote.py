@@ -12,7 +12,7 @@ import numpy as np
 
 from iclcls.pool import Pool
 from iclcls.types import Candidates, Query
-from iclcls.shortlist.base import SHORTLISTERS, BaseShortlister, top_candidates
+from iclcls.shortlist.base import SHORTLISTERS, BaseShortlister
 
 
 @SHORTLISTERS.register("knn_vote")
@@ -28,31 +28,76 @@ class KNNVoteShortlister(BaseShortlister):
     def fit(self, pool: Pool) -> KNNVoteShortlister:
         self.pool_ = pool
         self.mean_labels_, self.means_ = pool.class_means()
+        self._label_rows: tuple[int, np.ndarray, np.ndarray] | None = None
         return self
+
+    def _example_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """CSR of each pool example's label indices (into ``mean_labels_``), built once per pool size."""
+        n = len(self.pool_)
+        cached = getattr(self, "_label_rows", None)
+        if cached is None or cached[0] != n:
+            index = {lab: i for i, lab in enumerate(self.mean_labels_)}
+            per = [[index[lab] for lab in ex.labels if lab in index] for ex in self.pool_.examples]
+            ptr = np.zeros(n + 1, dtype=np.int64)
+            ptr[1:] = np.cumsum([len(x) for x in per])
+            idx = np.fromiter((i for x in per for i in x), dtype=np.int64, count=int(ptr[-1]))
+            cached = self._label_rows = (n, ptr, idx)
+        return cached[1], cached[2]
 
     def shortlist(self, queries: Sequence[Query], k: int) -> list[Candidates]:
         if not queries:
             return []
-        pool = self.pool_
         q = np.stack([x.embedding for x in queries]).astype(np.float32)
-        sims, ids = pool.search(q, self.neighbors)
-        mean_sims = q @ self.means_.T if len(self.mean_labels_) else np.zeros((len(q), 0))
+        sims, ids = self.pool_.search(q, self.neighbors)
+        mean_sims = q @ self.means_.T if len(self.mean_labels_) else np.zeros((len(q), 0), np.float32)
+        n_labels = len(self.mean_labels_)
+        step = max(1, 4_000_000 // max(n_labels, 1))  # bounds the [queries, labels] vote matrix
+        out: list[Candidates] = []
+        for s in range(0, len(q), step):
+            out += self._votes(sims[s : s + step], ids[s : s + step], mean_sims[s : s + step], k)
+        return out
+
+    def _votes(self, sims: np.ndarray, ids: np.ndarray, mean_sims: np.ndarray, k: int) -> list[Candidates]:
+        """Vectorised voting; the same scores and order as summing neighbour by neighbour.
+
+        Voted classes rank by vote, ties by first appearance among the neighbours; unvoted
+        classes follow by class-mean cosine (in (-1, -0.5]), ties in class order.
+        """
+        nq, n_labels = len(sims), len(self.mean_labels_)
+        ptr, idx = self._example_labels()
+        valid = ids >= 0
+        best = np.where(valid, sims, -np.inf).max(axis=1, initial=-np.inf).astype(np.float32)
+        with np.errstate(invalid="ignore"):  # rows without neighbours: -inf - -inf, never used
+            w = np.exp((sims - best[:, None]) / np.float32(self.temperature)).astype(np.float64)
+        rows, cols = np.nonzero(valid)  # row-major: each query's neighbours in rank order
+        ex = ids[rows, cols]
+        counts = ptr[ex + 1] - ptr[ex]
+        rep_rows = np.repeat(rows, counts)
+        starts = np.repeat(ptr[ex], counts)
+        within = np.arange(len(rep_rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        labs = idx[starts + within]
+        flat = rep_rows * n_labels + labs
+        votes = np.bincount(flat, weights=np.repeat(w[rows, cols], counts), minlength=nq * n_labels)
+        votes = votes.reshape(nq, n_labels)
+        first = np.full(nq * n_labels, np.iinfo(np.int64).max, dtype=np.int64)
+        uniq, at = np.unique(flat, return_index=True)
+        first[uniq] = at  # the expansion is row-major, so a smaller index appeared earlier
+        first = first.reshape(nq, n_labels)
+        voted = first < np.iinfo(np.int64).max
+        scores = np.where(voted, votes, -1.0 + (mean_sims.astype(np.float64) + 1.0) / 4.0)
+        tie = np.where(voted, first, np.iinfo(np.int64).max // 2 + np.arange(n_labels)[None, :])
+        kk = min(k, n_labels)
         out = []
-        for row in range(len(q)):
-            votes: dict[str, float] = {}
-            valid = ids[row] >= 0
-            if valid.any():
-                best = float(sims[row][valid].max())
-                for s, i in zip(sims[row][valid], ids[row][valid]):
-                    w = float(np.exp((s - best) / self.temperature))
-                    for lab in pool.examples[i].labels:
-                        votes[lab] = votes.get(lab, 0.0) + w
-            labels = list(votes)
-            scores = [votes[lab] for lab in labels]
-            # Unvoted classes rank below all voted ones, ordered by class-mean cosine.
-            for lab, ms in zip(self.mean_labels_, mean_sims[row]):
-                if lab not in votes:
-                    labels.append(lab)
-                    scores.append(-1.0 + (float(ms) + 1.0) / 4.0)  # in (-1, -0.5]
-            out.append(top_candidates(labels, np.array(scores), k))
+        for r in range(nq):
+            if kk <= 0:
+                out.append(Candidates([], np.zeros(0)))
+                continue
+            sc = scores[r]
+            if kk < n_labels:  # everything tied with the k-th best is kept, then ordered exactly
+                kth = np.partition(sc, n_labels - kk)[n_labels - kk]
+                pick = np.nonzero(sc >= kth)[0]
+            else:
+                pick = np.arange(n_labels)
+            order = pick[np.lexsort((tie[r, pick], -sc[pick]))][:kk]
+            out.append(Candidates([self.mean_labels_[i] for i in order], sc[order]))
         return out
