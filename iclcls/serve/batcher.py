@@ -5,6 +5,8 @@ than one per request. One worker thread owns the classifier calls (so LM work ne
 on the event loop); it takes the first waiting request, then gathers whatever else arrives
 within ``max_wait_s`` (up to ``max_batch`` texts), predicts once and hands each request its
 slice. ``enabled=False`` predicts one request at a time (the baseline the benchmark compares).
+When a batched call fails, its requests are predicted again one by one, so a request that
+breaks the classifier fails alone instead of taking its batch-mates with it.
 """
 
 from __future__ import annotations
@@ -94,10 +96,13 @@ class MicroBatcher:
             t0 = time.perf_counter()
             try:
                 preds = self.predict(texts)
-            except BaseException as e:  # every request of the batch learns why
-                log.exception("prediction failed for a batch of %d texts", len(texts))
-                for _, fut in batch:
-                    fut.set_exception(e)
+            except BaseException as e:
+                if isinstance(e, Exception) and len(batch) > 1:
+                    self._one_by_one(batch, e)
+                else:  # every request learns why
+                    log.exception("prediction failed for %d request(s), %d texts", len(batch), len(texts))
+                    for _, fut in batch:
+                        fut.set_exception(e)
             else:
                 if self.on_batch is not None:
                     self.on_batch(len(batch), len(texts), time.perf_counter() - t0)
@@ -107,6 +112,22 @@ class MicroBatcher:
                     pos += len(req_texts)
             if stop:
                 return
+
+    def _one_by_one(self, batch: list, error: Exception) -> None:
+        """A batch failed: predict its requests singly, so one bad request fails only itself."""
+        log.warning("a batch of %d requests failed (%s: %s); retrying them one by one", len(batch),
+                    type(error).__name__, error)
+        for req_texts, fut in batch:
+            t0 = time.perf_counter()
+            try:
+                preds = self.predict(req_texts)
+            except Exception as e:
+                log.exception("prediction failed for a request of %d texts", len(req_texts))
+                fut.set_exception(e)
+            else:
+                if self.on_batch is not None:
+                    self.on_batch(1, len(req_texts), time.perf_counter() - t0)
+                fut.set_result(preds)
 
     def close(self, timeout: float = 30.0) -> None:
         self._q.put(_STOP)

@@ -1,80 +1,46 @@
-"""The live classifier behind the service: load, replay, add (durably), predict, snapshot.
+"""The live classifier behind the service: load, replay, add (durably, all or nothing), predict.
 
-On disk, next to the fitted state the service was started on (``--state DIR``)::
+Where things live::
 
-    DIR/                      the fitted state (never written by the service)
-    DIR/serve/wal.jsonl       additions since the last snapshot, one fsync'd line each
-    DIR/serve/snapshots/NNNN/ ICLClassifier.save of the state after addition NNNN,
-                              with serve_seq.json (written last: a snapshot without it is
-                              incomplete and ignored)
+    DIR/                     the fitted state: only read, never written by the service
+    STORE                    the additions (``--store``; default ``DIR.additions.sqlite``)
+    STORE.snapshots/NNNN/    ICLClassifier.save of the state after addition NNNN
+    STORE.lock               the writer lock: one server per store
 
-Start: the newest complete snapshot (or DIR itself, seq 0), then every logged addition
-after its seq, in order. Concurrency: a writer-preferring readers-writer lock; predictions
-and snapshots read, additions write, so a prediction sees the state before or after an
-addition, never half of one. Additions are appended to the log one at a time and applied in
-log order (several at once when they queued behind a long prediction: group commit).
+Start: the newest snapshot (or DIR, seq 0), then every record after its seq, in order, with
+no LM call (records carry the tags and summaries an LM wrote). An addition: validate (the
+app), prepare (embed; tags and summaries by the LM) outside the write lock, then under it
+apply in place, commit the record with its answer in one store transaction, and only then
+show the new state and acknowledge. Predictions take the read lock, so one sees the state
+before or after an addition, never half of one.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
+import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iclcls.io import atomic_write_json, read_json
-from iclcls.serve.wal import WALError, WriteAheadLog, fsync_dir
-from iclcls.types import Example, Prediction
+from iclcls.serve.additions import Addition, Prepared
+from iclcls.serve.legacy import find_legacy
+from iclcls.serve.rwlock import RWLock
+from iclcls.serve.snapshots import Snapshots, state_fingerprint
+from iclcls.serve.store import AdditionStore, KeyConflict, StoreError, default_store_path, open_store
+from iclcls.types import Prediction
 
 log = logging.getLogger("iclcls.serve")
 
-SEQ_FILE = "serve_seq.json"
 
+class AdditionRefused(ValueError):
+    """An addition the service will not take; ``status`` is the HTTP answer (nothing was stored)."""
 
-class RWLock:
-    """Many readers or one writer; a waiting writer holds back new readers (no starvation)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -87,47 +53,24 @@ class ClassView:
     seq: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class AddResult:
     seq: int
     added_examples: int
     new_classes: list[str]
     classes: int
     pool_size: int
+    replayed: bool = False  # the first answer to this idempotency key, given again
 
-
-@dataclass
-class Addition:
-    """One validated addition: what goes in the log and into ``add_classes``."""
-
-    examples: list[Example]
-    descriptions: dict[str, str] = field(default_factory=dict)
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "examples": [{"text": ex.text, "label": ex.labels[0]} for ex in self.examples],
-            "descriptions": self.descriptions,
-        }
+    def response(self) -> dict[str, Any]:
+        """What the store keeps as the first answer (the seq is the record's own)."""
+        return {"added_examples": self.added_examples, "new_classes": self.new_classes, "classes": self.classes,
+                "pool_size": self.pool_size}
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any], where: str) -> Addition:
-        try:
-            examples = [Example(str(e["text"]), (str(e["label"]),)) for e in rec["examples"]]
-            descriptions = {str(k): str(v) for k, v in (rec.get("descriptions") or {}).items()}
-        except (KeyError, TypeError, ValueError) as e:
-            raise WALError(f"{where}: malformed addition record: {e}") from None
-        return cls(examples, descriptions)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
+    def from_response(cls, seq: int, response: Mapping[str, Any]) -> AddResult:
+        return cls(seq, int(response["added_examples"]), list(response["new_classes"]), int(response["classes"]),
+                   int(response["pool_size"]), replayed=True)
 
 
 def _uncached(clf: Any) -> None:
@@ -139,155 +82,253 @@ def _uncached(clf: Any) -> None:
 
 
 class LiveClassifier:
-    """A loaded ICLClassifier plus its log and snapshots; safe to use from many threads."""
+    """A loaded ICLClassifier plus its store and snapshots; safe to use from many threads."""
 
     def __init__(
         self,
         state_dir: str | Path,
         *,
+        store: str | Path | AdditionStore | None = None,
+        holder: Mapping[str, Any] | None = None,
         lm: Any = None,
+        embedder: Any = None,
         trust_state: bool = False,
         snapshot_every: int = 100,
         keep_snapshots: int = 2,
         embed_cache: bool = False,
+        max_classes: int | None = None,
+        max_pool: int | None = None,
     ) -> None:
-        from iclcls.classifier import ICLClassifier
-
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
         self.state_dir = Path(state_dir)
         if not (self.state_dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.state_dir}: not a saved ICLClassifier (no config.json)")
-        self.home = self.state_dir / "serve"
-        self.snap_dir = self.home / "snapshots"
-        self.snap_dir.mkdir(parents=True, exist_ok=True)
-        self.snapshot_every = snapshot_every
-        self.keep_snapshots = keep_snapshots
+        self.snapshot_every, self.max_classes, self.max_pool = snapshot_every, max_classes, max_pool
+        self._lm, self._embedder, self._trust, self._embed_cache = lm, embedder, trust_state, embed_cache
+        if store is None or isinstance(store, (str, Path)):
+            spec = store if store is not None else default_store_path(self.state_dir)
+            store = open_store(spec, writer={"host": socket.gethostname(), **dict(holder or {})})
+        self.store: AdditionStore = store
+        try:
+            self._start()
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _start(self) -> None:
         self._rw = RWLock()
-        self._log_lock = threading.Lock()  # log order == apply order; held only to append
-        self._pending: list[tuple[int, Addition]] = []  # logged, not yet applied
-        self.failed: str | None = None  # set if applying a logged addition raised
+        self._add_lock = threading.Lock()  # one addition at a time: apply order == seq order
+        self._model_lock = threading.Lock()  # embedder/LM calls one at a time (tokenizers are not thread-safe)
         self._snap_lock = threading.Lock()
-        self._clean_partial_snapshots()
-        source, self.snapshot_seq = self._latest_snapshot()
-        log.info("loading %s (seq %d)", source, self.snapshot_seq)
-        self.clf = ICLClassifier.load(source, lm=lm, trust=trust_state)
-        if not embed_cache:
-            _uncached(self.clf)
-        self.wal = WriteAheadLog(self.home / "wal.jsonl")
-        if self.wal.dropped_tail:
-            log.warning("%s: dropped a torn last record (it was never acknowledged)", self.wal.path)
-        self.applied_seq = self.snapshot_seq
-        replayed = 0
-        for rec in self.wal.after(self.snapshot_seq):
-            if rec["seq"] != self.applied_seq + 1:
-                raise WALError(
-                    f"{self.wal.path}: record seq {rec['seq']} follows state seq {self.applied_seq}: "
-                    "records are missing between the snapshot and the log"
-                )
-            add = Addition.from_record(rec, f"{self.wal.path} seq {rec['seq']}")
-            self.clf.add_classes(add.examples, descriptions=add.descriptions)
-            self.applied_seq = rec["seq"]
-            replayed += 1
-        self.wal.last_seq = max(self.wal.last_seq, self.applied_seq)
-        self.replayed = replayed
-        self.view = self._make_view()
-        self.clf.predict(["warm up"], show_progress=False)  # load lazy models now, not on a first request
-        log.info("ready: %d classes, %d pool examples, seq %d (%d replayed)", len(self.view.counts),
-                 self.view.pool_size, self.applied_seq, replayed)
+        self.failed: str | None = None  # set when a failed addition could not be rolled back
+        self._check_pairing()
+        self.snapshots = Snapshots(self.store.snapshot_dir)
+        legacy = find_legacy(self.state_dir) if self.store.seq() == 0 and not self.store.get_meta("legacy") else None
+        if legacy is not None and legacy.snapshot is not None:
+            self.snapshots.adopt(*legacy.snapshot)
+            self.store.set_meta("base_seq", str(legacy.snapshot[1]))
+        self.clf, self.snapshot_seq, self.replayed = self._rebuild(reuse=None)
+        self.applied_seq = self.store.seq()
+        self.view = self._make_view(self.applied_seq)
         self._snap_wanted = threading.Event()
         self._closing = False
+        if legacy is not None:
+            self._import(legacy)
+        self.clf.predict(["warm up"], show_progress=False)  # load lazy models now, not on a first request
+        log.info("ready: %d classes, %d pool examples, seq %d (%d replayed) from store %s", len(self.view.counts),
+                 self.view.pool_size, self.applied_seq, self.replayed, self.store.location)
         self._snap_thread = threading.Thread(target=self._snapshot_loop, name="iclcls-snapshot", daemon=True)
         self._snap_thread.start()
-        if replayed >= snapshot_every:
+        if self.replayed >= self.snapshot_every:
             self._snap_wanted.set()
+
+    def _check_pairing(self) -> None:
+        """A store belongs to one fitted state: replaying it onto another would be silently wrong."""
+        mine = state_fingerprint(self.state_dir)
+        theirs = self.store.get_meta("state")
+        if theirs is None:
+            self.store.set_meta("state", mine)
+            self.store.set_meta("state_dir", str(self.state_dir.absolute()))
+        elif theirs != mine:
+            raise StoreError(
+                f"{self.store.location}: this store holds additions to another fitted state (made for "
+                f"{self.store.get_meta('state_dir')}, which differs from {self.state_dir}); give each state its own --store"
+            )
+
+    # -- loading and replay ----------------------------------------------------------------
+    def _rebuild(self, *, reuse: Any) -> tuple[Any, int, int]:
+        """The state at the store's last seq: newest snapshot (or DIR), then the records after it.
+
+        ``reuse`` (the classifier being replaced) lends its loaded embedder and LM, so a
+        rollback does not load models again."""
+        from iclcls.classifier import ICLClassifier
+
+        latest = self.snapshots.latest()
+        source, seq = latest if latest else (self.state_dir, 0)
+        top = self.store.seq()
+        if seq > top:
+            raise StoreError(f"{source}: a snapshot at seq {seq}, but the store {self.store.location} ends at "
+                             f"{top}: the snapshots belong to another store")
+        log.info("loading %s (seq %d)", source, seq)
+        if reuse is None:
+            clf = ICLClassifier.load(source, lm=self._lm, embedder=self._embedder, trust=self._trust)
+            if not self._embed_cache:
+                _uncached(clf)
+        else:
+            clf = ICLClassifier.load(source, lm=reuse.lm_, embedder=reuse.embedder_, trust=self._trust)
+            clf.lm, clf.embedder = reuse.lm, reuse.embedder  # the specs, so snapshots name them as before
+        replayed, expect = 0, seq + 1
+        for rec in self.store.records_after(seq):
+            if rec.seq != expect:
+                raise StoreError(f"{self.store.location}: record seq {rec.seq} follows seq {expect - 1}: records are missing")
+            where = f"{self.store.location} seq {rec.seq}"
+            try:
+                Prepared.from_record(rec.body, where).apply_to(clf)
+            except StoreError:
+                raise
+            except Exception as e:
+                raise StoreError(f"{where}: replaying the addition failed ({type(e).__name__}: {e}); it applied when "
+                                 "it was added, so the state or iclcls changed since") from e
+            replayed, expect = replayed + 1, expect + 1
+        return clf, seq, replayed
+
+    def _import(self, legacy: Any) -> None:
+        """Re-add the old in-folder log's records through the ordinary path (tags, summaries logged)."""
+        for rec in legacy.records:
+            pairs = [(str(e["text"]), str(e["label"])) for e in rec.get("examples", [])]
+            self.add(Addition.build(pairs, rec.get("descriptions") or {}), caps=False)
+        self.store.set_meta("legacy", str(legacy.wal))
+        log.warning("imported %d additions from %s into %s; the old folder %s is no longer read and may be removed",
+                    len(legacy.records), legacy.wal, self.store.location, legacy.wal.parent)
 
     # -- reading ---------------------------------------------------------------------------
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
-        with self._rw.read():
+        with self._rw.read(), self._model_lock:
             return self.clf.predict(list(texts), show_progress=False)
 
-    def _make_view(self) -> ClassView:
+    @property
+    def shortlist_k(self) -> int:
+        return int(self.clf.shortlist_k)
+
+    def _make_view(self, seq: int) -> ClassView:
         pool = self.clf.pool_
         counts = {lab: 0 for lab in pool.labels}
         counts.update(pool.label_counts())
-        return ClassView(counts, dict(pool.labels.descriptions), len(pool), self.applied_seq)
+        return ClassView(counts, dict(pool.labels.descriptions), len(pool), seq)
 
     # -- adding ----------------------------------------------------------------------------
-    def add(self, addition: Addition) -> AddResult:
-        """Log (fsync), apply under the write lock, then return: the caller may acknowledge.
+    def add(self, addition: Addition, *, key: str | None = None, caps: bool = True) -> AddResult:
+        """Apply and commit ``addition``, or raise with the state and the store unchanged.
 
-        Group commit: the log lock is held only for the append, and whoever next takes the
-        write lock applies every logged addition still pending, in log order. So additions
-        that arrive while a long prediction holds the read lock wait for that one prediction
-        together, instead of one prediction each.
+        A retry under the same ``key`` gets the first answer and adds nothing; the same key with
+        another body raises ``AdditionRefused(422)``. ``StoreWriteFailed`` means the commit failed
+        (disk full, I/O error): nothing was stored, the state was rolled back, serving goes on.
         """
         if self.failed:
-            raise RuntimeError(f"additions are stopped: {self.failed}; restart the service (it replays the log)")
-        with self._log_lock:
-            pending_labels = {ex.labels[0] for _, a in self._pending for ex in a.examples}
-            new = sorted({ex.labels[0] for ex in addition.examples} - set(self.view.counts) - pending_labels)
-            seq = self.wal.append(addition.record())
-            self._pending.append((seq, addition))
-        log.info("addition seq=%d logged (%d examples), applying", seq, len(addition.examples))
-        with self._rw.write():
-            self._apply_pending()
-            v = self.view
-        if self.applied_seq < seq:
-            raise RuntimeError(self.failed or f"addition seq={seq} was not applied")
-        if seq - self.snapshot_seq >= self.snapshot_every:
-            self._snap_wanted.set()
-        return AddResult(seq, len(addition.examples), new, len(v.counts), v.pool_size)
+            raise StoreError(f"additions are stopped: {self.failed}; restart the service")
+        digest = addition.digest()
+        first = self._first_answer(key, digest)
+        if first is not None:
+            return first
+        if caps:
+            self._check_caps(addition, self.view)
+        with self._model_lock:  # the LM and embedder run here, outside the write lock
+            examples, summaries = self.clf.prepare_additions(list(addition.examples))
+            from iclcls.embed.image import encode_examples
 
-    def _apply_pending(self) -> None:
-        """Apply the logged, not yet applied additions in seq order (the write lock is held)."""
-        with self._log_lock:
-            todo, self._pending = self._pending, []
-        for seq, addition in todo:
-            if self.failed:
-                break
-            try:
-                self.clf.add_classes(addition.examples, descriptions=addition.descriptions)
-            except Exception as e:  # validated input should not fail; if it does, stop adding
-                self.failed = f"applying addition seq={seq} failed: {type(e).__name__}: {e}"
-                log.exception("applying addition seq=%d failed; additions are stopped", seq)
-                break
-            self.applied_seq = seq
-            log.info("addition seq=%d applied", seq)
-        if todo:
-            self.view = self._make_view()
+            embeddings = encode_examples(self.clf.pool_.embedder, examples)
+        prepared = Prepared(addition, tuple(examples), summaries, embeddings)
+        with self._add_lock:
+            first = self._first_answer(key, digest)  # a concurrent retry may have committed meanwhile
+            if first is not None:
+                return first
+            if caps:
+                self._check_caps(addition, self.view)
+            with self._rw.write():
+                result = self._apply_and_commit(prepared, key=key, digest=digest)
+        if result.seq - self.snapshot_seq >= self.snapshot_every:
+            self._snap_wanted.set()
+        return result
+
+    def _first_answer(self, key: str | None, digest: str) -> AddResult | None:
+        if key is None:
+            return None
+        rec = self.store.lookup(key)
+        if rec is None:
+            return None
+        if rec.digest != digest:
+            raise AdditionRefused(422, f"Idempotency-Key {key!r} was already used for a different request (seq "
+                                       f"{rec.seq}); use a new key for a new addition")
+        log.info("addition under Idempotency-Key %r is seq=%d already: answering as before", key, rec.seq)
+        return AddResult.from_response(rec.seq, rec.response)
+
+    def _check_caps(self, addition: Addition, view: ClassView) -> None:
+        new = addition.labels - set(view.counts)
+        if self.max_classes is not None and new and len(view.counts) + len(new) > self.max_classes:
+            raise AdditionRefused(409, f"the addition would make {len(view.counts) + len(new)} classes, over the "
+                                       f"limit of {self.max_classes} (--max-classes)")
+        n = view.pool_size + len(addition.examples)
+        if self.max_pool is not None and n > self.max_pool:
+            raise AdditionRefused(409, f"the addition would make {n} pool examples, over the limit of "
+                                       f"{self.max_pool} (--max-pool)")
+
+    def _apply_and_commit(self, prepared: Prepared, *, key: str | None, digest: str) -> AddResult:
+        """Under the write lock: apply in place, commit, publish; on any failure roll back.
+
+        Rollback rebuilds the state from the snapshot and the store (which never got the record)
+        instead of applying to a copy: a copy of the pool, index and stage statistics would cost
+        O(state) on EVERY addition, while a failure here is rare (the input was validated and
+        prepared) and the rebuild is correct by construction, reusing the loaded models."""
+        seq = self.applied_seq + 1
+        before = self.view
+        try:
+            prepared.apply_to(self.clf)
+        except Exception as e:
+            log.exception("addition (would be seq=%d) failed to apply; rolling back", seq)
+            self._roll_back()
+            raise AdditionRefused(422, f"the addition could not be applied ({type(e).__name__}: {e}); nothing was "
+                                       "stored and the state is unchanged") from e
+        view = self._make_view(seq)
+        new = sorted(prepared.addition.labels - set(before.counts))
+        result = AddResult(seq, len(prepared.examples), new, len(view.counts), view.pool_size)
+        try:
+            appended = self.store.append(prepared.record(), key=key, digest=digest, response=result.response())
+            if appended.duplicate or appended.seq != seq:
+                raise StoreError(f"{self.store.location}: the store gave seq {appended.seq} where {seq} was next: "
+                                 "is another process writing to it?")
+        except KeyConflict as e:
+            self._roll_back()
+            raise AdditionRefused(422, str(e)) from None
+        except BaseException:
+            log.exception("addition seq=%d was not committed; rolling back", seq)
+            self._roll_back()
+            raise
+        log.info("addition seq=%d committed (%d examples)", seq, len(prepared.examples))
+        self.applied_seq, self.view = seq, view
+        return result
+
+    def _roll_back(self) -> None:
+        """The state as of the store's last record (the write lock is held)."""
+        try:
+            self.clf, self.snapshot_seq, _ = self._rebuild(reuse=self.clf)
+            self.view = self._make_view(self.applied_seq)
+        except Exception as e:
+            self.failed = f"rolling back a failed addition failed: {type(e).__name__}: {e}"
+            log.exception("rollback failed; additions are stopped until a restart")
 
     # -- snapshots -------------------------------------------------------------------------
-    def _latest_snapshot(self) -> tuple[Path, int]:
-        best: tuple[Path, int] = (self.state_dir, 0)
-        for d in self.snap_dir.iterdir():
-            if d.is_dir() and d.name.isdigit() and (d / SEQ_FILE).is_file() and (d / "config.json").is_file():
-                seq = int(read_json(d / SEQ_FILE)["seq"])
-                if seq > best[1]:
-                    best = (d, seq)
-        return best
-
-    def _clean_partial_snapshots(self) -> None:
-        for d in self.snap_dir.iterdir():
-            if d.name.startswith(".") or (d.is_dir() and not (d / SEQ_FILE).is_file()):
-                shutil.rmtree(d, ignore_errors=True)
-
     def snapshot(self) -> int | None:
-        """Save the current state as a snapshot, then drop the log records it holds."""
+        """Save the current state as a snapshot (the store keeps every record, and so every
+        idempotency key, regardless)."""
         with self._snap_lock:
             with self._rw.read():
                 seq = self.applied_seq
-                if seq <= self.snapshot_seq:
+                if seq <= self.snapshot_seq or self.failed:
                     return None
-                target = self.snap_dir / f"{seq:012d}"
-                self.clf.save(target)
-            _fsync_tree(target)
-            atomic_write_json(target / SEQ_FILE, {"seq": seq})  # the mark of a complete snapshot
-            fsync_dir(target)
+                target = self.snapshots.write(self.clf, seq)
+            self.snapshots.seal(target, seq)
             self.snapshot_seq = seq
-            self.wal.compact(seq)
-            for old in sorted(d for d in self.snap_dir.iterdir() if d.name.isdigit())[: -self.keep_snapshots]:
-                shutil.rmtree(old, ignore_errors=True)
             log.info("snapshot at seq %d", seq)
             return seq
 
@@ -299,8 +340,8 @@ class LiveClassifier:
                 return
             try:
                 self.snapshot()
-            except Exception:  # a failed snapshot loses nothing: the log still holds the additions
-                log.exception("snapshot failed; the write-ahead log still holds every addition")
+            except Exception:  # a failed snapshot loses nothing: the store holds every addition
+                log.exception("snapshot failed; the store still holds every addition")
 
     def close(self, *, final_snapshot: bool = True) -> None:
         self._closing = True
@@ -310,5 +351,5 @@ class LiveClassifier:
             try:
                 self.snapshot()
             except Exception:
-                log.exception("final snapshot failed; the write-ahead log still holds every addition")
-        self.wal.close()
+                log.exception("final snapshot failed; the store still holds every addition")
+        self.store.close()
