@@ -279,15 +279,25 @@ class ICLClassifier(BaseEstimator):
         return list(self.pool_.labels)
 
     # -- continual addition --------------------------------------------------------------
-    def add_examples(self, examples: Sequence[Example]) -> ICLClassifier:
-        """Add examples (of known or new classes) in place: pool, index, stage statistics."""
+    def add_examples(
+        self, examples: Sequence[Example], *, embeddings: np.ndarray | None = None, generate: bool = True
+    ) -> ICLClassifier:
+        """Add examples (of known or new classes) in place: pool, index, stage statistics.
+
+        ``embeddings`` are the examples' pool embeddings when already computed (the service
+        embeds before it takes its write lock). ``generate=False`` never calls the LM: tags
+        and summaries must already be there (replaying a logged addition must be deterministic),
+        else ValueError before anything changes.
+        """
         examples = list(examples)
         for i, ex in enumerate(examples):
             if not ex.labels:
                 raise ValueError(f"add_examples: example {i} has no label")
         if not examples:
             return self
-        new_ids = self.pool_.extend(self._with_tags(examples))
+        if not generate:
+            self._check_nothing_to_generate(examples)
+        new_ids = self.pool_.extend(self._with_tags(examples), embeddings)
         self.shortlister_.update(self.pool_, new_ids)
         if self.selector_ is not None:
             self.selector_.update(self.pool_, new_ids)
@@ -300,16 +310,51 @@ class ICLClassifier(BaseEstimator):
         *,
         descriptions: Mapping[str, str] | None = None,
         summaries: Mapping[str, str] | None = None,
+        embeddings: np.ndarray | None = None,
+        generate: bool = True,
     ) -> ICLClassifier:
         """Add new classes by their examples: statistics update, nothing retrained or forgotten.
 
         ``summaries`` gives class summaries for the prompt; missing ones are written by the LM
-        when the prompt shows summaries.
+        when the prompt shows summaries (unless ``generate=False``). ``embeddings`` and
+        ``generate`` as in ``add_examples``.
         """
+        if not generate:
+            self._check_nothing_to_generate(examples, summaries=summaries)
         for lab, desc in (descriptions or {}).items():
             self.pool_.labels.add(lab, desc)
         self.summaries_.update(summaries or {})
-        return self.add_examples(examples)
+        return self.add_examples(examples, embeddings=embeddings, generate=generate)
+
+    def prepare_additions(self, examples: Sequence[Example]) -> tuple[list[Example], dict[str, str]]:
+        """What the LM would write while adding ``examples``, computed without changing any state:
+        the examples with their tags (for a tags-input shortlister) and summaries of their classes
+        that have none (when the prompt shows summaries). Pass both to ``add_classes`` to add them
+        without LM calls, and log them so that replay is deterministic."""
+        examples = self._with_tags(examples)
+        if not getattr(self.builder_, "class_summaries", False) or self.lm_ is None:
+            return examples, {}
+        missing = sorted({ex.labels[0] for ex in examples if ex.labels} - set(self.summaries_))
+        if not missing:
+            return examples, {}
+        from iclcls.summaries import summarize_classes
+
+        scratch = Pool(self.pool_.embedder)  # only these classes' new examples, as the real pool will hold them
+        scratch.extend([ex for ex in examples if ex.labels and ex.labels[0] in missing])
+        summaries = summarize_classes(self.lm_, scratch, missing, show_progress=False,
+                                      **dict(getattr(self.builder_, "summary_options", {})))
+        return examples, summaries
+
+    def _check_nothing_to_generate(self, examples: Sequence[Example], *, summaries: Mapping[str, str] | None = None) -> None:
+        if getattr(self.shortlister_, "input", "text") == "tags":
+            untagged = [i for i, ex in enumerate(examples) if "tags" not in ex.metadata]
+            if untagged:
+                raise ValueError(f"generate=False: examples {untagged[:5]} have no tags and the shortlister needs them")
+        if getattr(self.builder_, "class_summaries", False) and self.lm_ is not None:
+            have = set(self.summaries_) | set(summaries or {})
+            missing = sorted({lab for ex in examples for lab in ex.labels} - have)
+            if missing:
+                raise ValueError(f"generate=False: no summary for classes {missing[:5]} and the prompt shows summaries")
 
     # -- predict -------------------------------------------------------------------------
     def predict(self, inputs: Iterable[str | Example], *, show_progress: bool | None = None) -> list[Prediction]:

@@ -9,32 +9,41 @@ Requests carry texts and labels only: nothing in a request names a file, a model
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Security
+from fastapi import APIRouter, FastAPI, Header, Request, Security
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from iclcls.serve.additions import Addition
 from iclcls.serve.auth import Guard
 from iclcls.serve.batcher import MicroBatcher, Overloaded
 from iclcls.serve.metrics import Metrics
-from iclcls.serve.state import Addition, LiveClassifier
-from iclcls.types import Example, Prediction
+from iclcls.serve.models import (
+    AddClassesRequest,
+    AddClassesResponse,
+    ClassesResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassInfo,
+    prediction_out,
+    top_k_warning,
+)
+from iclcls.serve.state import AdditionRefused, LiveClassifier
+from iclcls.serve.store import StoreError, StoreWriteFailed
 
 log = logging.getLogger("iclcls.serve")
 
-MAX_LABEL_CHARS = 200
+MAX_IDEMPOTENCY_KEY = 200
 
 
 @dataclass
@@ -49,99 +58,8 @@ class ServeSettings:
     batch_wait_ms: float = 5.0
     max_batch: int = 32  # texts per classifier call when batching
     max_queue: int = 1024  # waiting classify requests before 503
-
-
-# -- request and response models -------------------------------------------------------------
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ClassifyRequest(_Strict):
-    texts: list[str] = Field(min_length=1, description="texts to classify")
-    top_k: int | None = Field(None, ge=1, le=1000, description="labels per prediction (default: all ranked)")
-    trace: bool = Field(False, description="also return candidates, demonstrations and the prompt")
-
-    @field_validator("texts")
-    @classmethod
-    def _non_empty(cls, texts: list[str]) -> list[str]:
-        for i, t in enumerate(texts):
-            if not t.strip():
-                raise ValueError(f"text {i} is empty or whitespace")
-        return texts
-
-
-class Demonstration(BaseModel):
-    text: str
-    label: str | None
-
-
-class PredictionOut(BaseModel):
-    label: str | None = Field(None, description="the top label")
-    labels: list[str]
-    scores: list[float | None]
-    candidates: list[str] | None = None
-    demonstrations: list[Demonstration] | None = None
-    prompt: str | None = None
-    prompt_tokens: int | None = None
-
-
-class ClassifyResponse(BaseModel):
-    predictions: list[PredictionOut]
-
-
-class ExampleIn(_Strict):
-    text: str = Field(min_length=1)
-    label: str = Field(min_length=1, max_length=MAX_LABEL_CHARS)
-
-    @field_validator("text", "label")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
-        return v
-
-
-class AddClassesRequest(_Strict):
-    examples: list[ExampleIn] = Field(min_length=1, description="examples of new or known classes")
-    descriptions: dict[str, str] | None = Field(None, description="label -> description, for labels in examples")
-
-
-class AddClassesResponse(BaseModel):
-    seq: int = Field(description="the addition's number in the write-ahead log")
-    added_examples: int
-    new_classes: list[str]
-    classes: int
-    pool_size: int
-
-
-class ClassInfo(BaseModel):
-    label: str
-    examples: int
-    description: str | None = None
-
-
-class ClassesResponse(BaseModel):
-    classes: list[ClassInfo]
-    count: int
-    pool_size: int
-    seq: int
-
-
-def _finite(x: float) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _prediction_out(p: Prediction, top_k: int | None, trace: bool) -> PredictionOut:
-    k = len(p.labels) if top_k is None else top_k
-    out = PredictionOut(label=p.labels[0] if p.labels else None, labels=list(p.labels[:k]),
-                        scores=[_finite(s) for s in p.scores[:k]])
-    if trace:
-        out.candidates = list(p.candidates)
-        out.demonstrations = [Demonstration(text=d.text, label=d.label) for d in p.demonstrations]
-        out.prompt = p.trace.get("prompt")
-        out.prompt_tokens = p.prompt_tokens
-    return out
+    max_classes: int = 10_000  # classes in the state; an addition past it gets 409
+    max_pool: int = 200_000  # pool examples in the state; an addition past it gets 409
 
 
 def _too_large(what: str, n: int, limit: int, flag: str) -> HTTPException:
@@ -161,8 +79,18 @@ _PAGE_HEADERS = {
 }
 
 
-def create_app(live: LiveClassifier, settings: ServeSettings | None = None, *, api_key: str | None = None) -> Any:
-    """The ASGI application (FastAPI wrapped in the auth/size guard and request metrics)."""
+def create_app(
+    live: LiveClassifier,
+    settings: ServeSettings | None = None,
+    *,
+    api_key: str | None = None,
+    admin_key: str | None = None,
+    loopback_port: int | None = None,
+) -> Any:
+    """The ASGI application (FastAPI wrapped in the auth/size/host guard and request metrics).
+
+    ``admin_key`` guards additions and the class listing (default: ``api_key``);
+    ``loopback_port`` (the port of a loopback-bound server) turns on the Host header check."""
     s = settings or ServeSettings()
     metrics = Metrics(live)
     batcher = MicroBatcher(
@@ -189,8 +117,9 @@ def create_app(live: LiveClassifier, settings: ServeSettings | None = None, *, a
         redoc_url=None,
         lifespan=lifespan,
     )
-    bearer = HTTPBearer(auto_error=False, description="the key in the server's --api-key-env variable")
-    api = APIRouter(dependencies=[Security(bearer)] if api_key else [])
+    bearer = HTTPBearer(auto_error=False, description="the classify key (--api-key-env); additions and the class "
+                        "list take the admin key (--admin-key-env) when one is set")
+    api = APIRouter(dependencies=[Security(bearer)] if api_key or admin_key else [])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -211,7 +140,9 @@ def create_app(live: LiveClassifier, settings: ServeSettings | None = None, *, a
 
     @api.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
     async def classify(req: ClassifyRequest) -> ClassifyResponse:
-        """Ranked labels for each text (with ``trace``: the candidates, demonstrations and prompt)."""
+        """Ranked labels for each text, with scores and their softmax (with ``trace``: the
+        candidates, demonstrations and prompt). A text the tokenizer cannot take (a NUL, a lone
+        surrogate) gets 422 naming its index, before it reaches a batch with other requests."""
         if len(req.texts) > s.max_texts:
             raise _too_large("texts per request", len(req.texts), s.max_texts, "--max-texts")
         for i, t in enumerate(req.texts):
@@ -221,30 +152,48 @@ def create_app(live: LiveClassifier, settings: ServeSettings | None = None, *, a
             preds = await batcher.submit(req.texts)
         except Overloaded as e:
             raise HTTPException(503, f"overloaded: {e}") from None
-        return ClassifyResponse(predictions=[_prediction_out(p, req.top_k, req.trace) for p in preds])
+        warning = top_k_warning(preds, req.top_k, live.shortlist_k)
+        return ClassifyResponse(predictions=[prediction_out(p, req.top_k, req.trace) for p in preds],
+                                shortlist_k=live.shortlist_k, warnings=[warning] if warning else None)
 
     @api.post("/v1/classes", response_model=AddClassesResponse)
-    async def add_classes(req: AddClassesRequest) -> AddClassesResponse:
-        """Add examples of new or known classes; answers once the addition is in the fsync'd log
-        and applied, so an acknowledged addition survives a crash."""
+    async def add_classes(
+        req: AddClassesRequest,
+        idempotency_key: str | None = Header(
+            None, alias="Idempotency-Key", max_length=MAX_IDEMPOTENCY_KEY,
+            description="a unique key per addition (e.g. a UUID): a retry with the same key and body gets the "
+            "first answer and adds nothing; the same key with another body gets 422",
+        ),
+    ) -> AddClassesResponse:
+        """Add examples of new or known classes. Answers once the addition is applied and committed
+        to the store (fsync'd), so an acknowledged addition survives a crash; an addition that fails
+        (4xx, 503, 507) stored nothing and changed nothing. 409: over --max-classes or --max-pool."""
         if len(req.examples) > s.max_examples:
             raise _too_large("examples per addition", len(req.examples), s.max_examples, "--max-examples")
         for i, ex in enumerate(req.examples):
             if len(ex.text) > s.max_text_chars:
                 raise _too_large(f"characters in example {i}", len(ex.text), s.max_text_chars, "--max-text-chars")
         descriptions = dict(req.descriptions or {})
-        labels = {ex.label for ex in req.examples}
         for lab, desc in descriptions.items():
-            if lab not in labels:
-                raise HTTPException(422, f"descriptions: label {lab!r} has no example in this request")
             if len(desc) > s.max_text_chars:
                 raise _too_large(f"characters in the description of {lab!r}", len(desc), s.max_text_chars, "--max-text-chars")
+        if idempotency_key is not None and (not idempotency_key.strip() or not idempotency_key.isprintable()):
+            raise HTTPException(422, "Idempotency-Key: must be printable and not blank")
         try:
-            addition = Addition([Example(ex.text, (ex.label,)) for ex in req.examples], descriptions)
+            addition = Addition.build([(ex.text, ex.label) for ex in req.examples], descriptions)
         except (TypeError, ValueError) as e:
-            raise HTTPException(422, f"examples: {e}") from None
-        result = await run_in_threadpool(live.add, addition)
-        metrics.observe_addition(result.added_examples)
+            raise HTTPException(422, str(e)) from None
+        try:
+            result = await run_in_threadpool(live.add, addition, key=idempotency_key)
+        except AdditionRefused as e:
+            raise HTTPException(e.status, str(e)) from None
+        except StoreWriteFailed as e:
+            raise HTTPException(507 if e.full else 503, f"the addition was not stored: {e}; the service goes on "
+                                "serving the state as it was, retry later") from None
+        except StoreError as e:
+            raise HTTPException(503, str(e)) from None
+        if not result.replayed:
+            metrics.observe_addition(result.added_examples)
         return AddClassesResponse(**vars(result))
 
     @api.get("/v1/classes", response_model=ClassesResponse, response_model_exclude_none=True)
@@ -265,8 +214,8 @@ def create_app(live: LiveClassifier, settings: ServeSettings | None = None, *, a
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        """Liveness: 200 once the state is loaded and the log replayed; 503 if an addition failed
-        to apply (then additions are stopped until a restart replays the log)."""
+        """Liveness: 200 once the state is loaded and the store replayed; 503 if a failed addition
+        could not be rolled back (then additions are stopped until a restart replays the store)."""
         if live.failed:
             return JSONResponse({"status": "failed"}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -281,7 +230,8 @@ def create_app(live: LiveClassifier, settings: ServeSettings | None = None, *, a
     async def page() -> FileResponse:
         return FileResponse(str(static / "index.html"), media_type="text/html", headers=_PAGE_HEADERS)
 
-    return metrics.wrap(Guard(app, api_key=api_key, max_body_bytes=s.max_body_bytes))
+    return metrics.wrap(Guard(app, api_key=api_key, admin_key=admin_key, max_body_bytes=s.max_body_bytes,
+                              loopback_port=loopback_port))
 
 
 def _mount_docs(app: FastAPI) -> None:
@@ -324,21 +274,30 @@ def _mount_docs(app: FastAPI) -> None:
 def serve(
     state: str,
     *,
+    store: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    admin_key: str | None = None,
     trust_state: bool = False,
     lm: str | None = None,
     snapshot_every: int = 100,
     settings: ServeSettings | None = None,
     log_level: str = "info",
 ) -> None:
-    """Load the state, replay the log, and serve until interrupted (uvicorn)."""
+    """Take the store's writer lock, load the state, replay the store, and serve until interrupted."""
     import uvicorn
 
+    from iclcls.serve.auth import is_loopback
+
+    s = settings or ServeSettings()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.time()
-    live = LiveClassifier(state, lm=lm, trust_state=trust_state, snapshot_every=snapshot_every)
+    live = LiveClassifier(state, store=store, holder={"port": port}, lm=lm, trust_state=trust_state,
+                          snapshot_every=snapshot_every, max_classes=s.max_classes, max_pool=s.max_pool)
     log.info("state ready in %.1f s", time.time() - t0)
-    asgi = create_app(live, settings, api_key=api_key)
+    if api_key and not admin_key:
+        log.warning("additions and the class list take the classify key: pass --admin-key-env to give them their own")
+    asgi = create_app(live, s, api_key=api_key, admin_key=admin_key,
+                      loopback_port=port if is_loopback(host) else None)
     uvicorn.run(asgi, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
