@@ -350,45 +350,63 @@ def study(
 
 @app.command("serve")
 def serve(
-    state: Path = typer.Option(..., "--state", help="a folder written by `iclcls fit` / ICLClassifier.save"),
+    state: Path = typer.Option(..., "--state", help="a folder written by `iclcls fit` / ICLClassifier.save (only read, never written)"),
+    store: Optional[Path] = typer.Option(
+        None, "--store",
+        help="the SQLite file that keeps the classes added live (snapshots in STORE.snapshots/, the writer lock in "
+        "STORE.lock); default: DIR.additions.sqlite beside the --state folder DIR, never inside it. One server per store",
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (non-loopback needs --api-key-env)"),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
-    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="name of the environment variable holding the API key (Bearer auth)"),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="name of the environment variable holding the classify key (Bearer auth)"),
+    admin_key_env: Optional[str] = typer.Option(
+        None, "--admin-key-env",
+        help="name of the environment variable holding the admin key, for adding and listing classes (default: the classify key)",
+    ),
     trust_state: bool = typer.Option(False, "--trust-state", help="trust the state folder: let it name an LM endpoint, local model, file or template"),
     lm: Optional[str] = typer.Option(None, "--lm", help="override the saved LM spec"),
     snapshot_every: int = typer.Option(100, "--snapshot-every", min=1, help="write a snapshot after this many additions"),
     max_texts: int = typer.Option(64, "--max-texts", min=1, help="texts per classify request"),
     max_text_chars: int = typer.Option(2000, "--max-text-chars", min=1, help="characters per text, example or description"),
     max_examples: int = typer.Option(256, "--max-examples", min=1, help="examples per addition"),
+    max_classes: int = typer.Option(10_000, "--max-classes", min=1, help="classes in the state: an addition past it gets 409"),
+    max_pool: int = typer.Option(200_000, "--max-pool", min=1, help="pool examples in the state: an addition past it gets 409"),
     max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1, help="bytes per request body"),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="micro-batch concurrent classify requests"),
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0, help="how long a batch waits for more requests"),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="texts per classifier call when batching"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
-    """Serve the classifier over HTTP: classify, add classes live (write-ahead logged), metrics, a web page."""
+    """Serve the classifier over HTTP: classify, add classes live (kept in a transactional store), metrics, a web page."""
     import os
 
     from iclcls.serve.auth import bind_refusal
 
-    key = None
-    if api_key_env:
-        key = os.environ.get(api_key_env, "")
-        if not key.strip():
-            _fail(f"--api-key-env {api_key_env}: the environment variable ${api_key_env} is unset or empty")
+    def key_from(flag: str, name: Optional[str]) -> Optional[str]:
+        if not name:
+            return None
+        value = os.environ.get(name, "")
+        if not value.strip():
+            _fail(f"{flag} {name}: the environment variable ${name} is unset or empty")
+        return value
+
+    key = key_from("--api-key-env", api_key_env)
+    admin_key = key_from("--admin-key-env", admin_key_env)
     refusal = bind_refusal(host, key)
     if refusal:
         _fail(refusal)
     from iclcls.serve.app import ServeSettings, serve as run_service
+    from iclcls.serve.store import StoreError
 
     settings = ServeSettings(
         max_texts=max_texts, max_text_chars=max_text_chars, max_examples=max_examples, max_body_bytes=max_body_bytes,
-        batching=batching, batch_wait_ms=batch_wait_ms, max_batch=max_batch,
+        batching=batching, batch_wait_ms=batch_wait_ms, max_batch=max_batch, max_classes=max_classes, max_pool=max_pool,
     )
     try:
-        run_service(str(state), host=host, port=port, api_key=key, trust_state=trust_state, lm=lm,
-                    snapshot_every=snapshot_every, settings=settings, log_level=log_level)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        run_service(str(state), store=str(store) if store is not None else None, host=host, port=port, api_key=key,
+                    admin_key=admin_key, trust_state=trust_state, lm=lm, snapshot_every=snapshot_every,
+                    settings=settings, log_level=log_level)
+    except (StoreError, ValueError, FileNotFoundError, KeyError) as e:
         _fail(str(e))
 
 
