@@ -132,6 +132,15 @@ def test_real_smollm_channel_scores_are_the_query_likelihood_after_each_class(ba
     # Channel alone beats chance over 4 candidates by far on real data (gold on the shortlist).
     hits = [p.label == e.label for p, e in zip(preds, test) if e.label in p.candidates]
     assert np.mean(hits) >= 0.5
+    # A GPU's way (all classes in one batched call, no per-class prefix) scores the same.
+    smollm.prefer_batched_requests = True
+    try:
+        batched = clf.predict(test[:4])
+    finally:
+        smollm.prefer_batched_requests = False
+    for b, p in zip(batched, preds[:4]):
+        for lab in p.candidates:
+            assert b.trace["channel_logprob"][lab] == pytest.approx(p.trace["channel_logprob"][lab], abs=1e-3)
     # Saved and loaded untrusted, the preset predicts the same.
     clf.save(tmp_path / "state")
     again = ICLClassifier.load(tmp_path / "state", lm=smollm)

@@ -101,6 +101,9 @@ class TransformersLM(BaseLM):
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.max_batch_tokens = max_batch_tokens or (
             DEFAULT_BATCH_TOKENS_GPU if self.device.type == "cuda" else DEFAULT_BATCH_TOKENS_CPU)
+        # A hint to stages that could either reuse a prefix's KV cache one request at a time or
+        # send all requests in one call (the channel ranker): on a GPU, one wide call wins.
+        self.prefer_batched_requests = self.batch_mode == "tree" and self.device.type == "cuda"
 
         self._lock = threading.RLock()
         self._prefixes: OrderedDict[str, PrefixState] = OrderedDict()

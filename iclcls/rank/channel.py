@@ -94,7 +94,9 @@ class ChannelRanker(BaseRanker):
                 prompt = self.class_prompt(ctx, lab, ids)
             prompts[lab, k], shown[lab, k] = prompt, ids
         requests = [(prompts[key], [conts[qi] for qi in qs]) for key, qs in wanted.items()]
-        if accepts_shared_prefix(ctx.lm):  # one call per class: its prefix's KV cache is kept
+        # One call per class keeps its prompt's KV cache for the next batch (a CPU's best); an LM
+        # that scores many requests per forward on a GPU gains more from one call for all classes.
+        if accepts_shared_prefix(ctx.lm) and not getattr(ctx.lm, "prefer_batched_requests", False):
             scored = [ctx.lm.score_batch([r], shared_prefix=r[0])[0] for r in requests]
         else:
             scored = ctx.lm.score_batch(requests)
