@@ -9,15 +9,25 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="In-context-learning classifiers.")
 console = Console()
 
 
-def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(2)
+def _say(text: str, *, stderr: bool = False) -> None:
+    """Print text that holds data (paths, labels, dicts, pip extras like ``iclcls[ray]``) as it
+    is: no rich markup (it eats anything in square brackets), no emoji codes (``openai:m:`` is not
+    an emoji), no highlighting."""
+    out = Console(stderr=True) if stderr else console
+    out.print(text, markup=False, emoji=False, highlight=False, soft_wrap=True)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {escape(msg)}", emoji=False, highlight=False, soft_wrap=True)  # paths stay whole
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -56,7 +66,8 @@ def demo(
     bench = load_benchmark("sample")
     console.print(
         f"[bold]iclcls demo[/bold]: the packaged sample dataset ({len(bench.train)} train / "
-        f"{len(bench.test)} test, {len(bench.labels)} intents), LM [cyan]{lm}[/cyan], offline."
+        f"{len(bench.test)} test, {len(bench.labels)} intents), LM [cyan]{escape(lm)}[/cyan], offline.",
+        emoji=False,
     )
     t0 = time.time()
     retr = retriever_only(shortlist_k=shortlist_k).fit(bench.train)
@@ -64,7 +75,7 @@ def demo(
         clf = knn_channel(lm=lm, shortlist_k=shortlist_k, show_progress=True).fit(bench.train)
     else:
         clf = knn_fusion(lm=lm, shots=shots, shortlist_k=shortlist_k, show_progress=True).fit(bench.train)
-    console.print(f"fitted in {time.time() - t0:.1f} s (embeddings, index, pools; no LM training)")
+    _say(f"fitted in {time.time() - t0:.1f} s (embeddings, index, pools; no LM training)")
     t0 = time.time()
     preds = clf.predict(bench.test)
     elapsed = time.time() - t0
@@ -73,44 +84,48 @@ def demo(
     for col in ("text", "gold", "top labels (fused score)", "examples the LM read"):
         table.add_column(col, overflow="fold")
     for ex, p in list(zip(bench.test, preds))[:show]:
-        ok = "[green]✓[/green]" if p.label == ex.label else "[red]✗[/red]"
+        ok = Text("✓ ", style="green") if p.label == ex.label else Text("✗ ", style="red")
         tops = ", ".join(f"{lab} ({s:.2f})" for lab, s in zip(p.labels[:3], p.scores[:3]))
         shown = [d for d in p.demonstrations[-2:]] or [  # channel: the top label's own examples
             clf.pool_.examples[i] for i in p.trace.get("channel_examples", {}).get(p.label, [])[-2:]]
         demos = "\n".join(f"{d.label}: {d.text[:40]}" for d in shown)
-        table.add_row(ex.text, ex.label, f"{ok} {tops}", demos or "-")
+        table.add_row(Text(ex.text), Text(ex.label), Text.assemble(ok, tops), Text(demos or "-"))  # data, not markup
     console.print(table)
     acc = sum(p.label == ex.label for p, ex in zip(preds, bench.test)) / len(preds)
     racc = sum(p.label == ex.label for p, ex in zip(retr_preds, bench.test)) / len(preds)
     console.print(
         f"accuracy: pipeline [bold]{acc:.3f}[/bold] | retriever alone {racc:.3f} | "
-        f"fusion weight {clf.ranker_.weight:.2f} ({clf.tuned_.get('tuned_on', 'untuned')}) | "
-        f"{elapsed / len(preds):.2f} s per query | n={len(preds)}"
+        f"fusion weight {clf.ranker_.weight:.2f} ({escape(str(clf.tuned_.get('tuned_on', 'untuned')))}) | "
+        f"{elapsed / len(preds):.2f} s per query | n={len(preds)}",
+        emoji=False,
     )
 
 
 def _run_label(inputs: Path, state: Path, out: Optional[Path], **options) -> None:
     """Shared by `label` and its alias `predict`: run, print the summary, set the exit code."""
-    from iclcls.label import LabelOptions, label_corpus
+    from iclcls.label import EXIT_LM_UNAVAILABLE, LabelOptions, LMUnavailable, label_corpus
 
     try:
         summary = label_corpus(inputs, state=state, out=out, options=LabelOptions(**options))
     except KeyboardInterrupt:
         where = f"{out} holds every finished chunk; run the same command again to resume" if out else "stopped"
-        Console(stderr=True).print(f"[yellow]interrupted[/yellow]: {where}")
+        Console(stderr=True).print(f"[yellow]interrupted[/yellow]: {escape(where)}")
         raise typer.Exit(130)
+    except LMUnavailable as e:
+        done = e.summary.rows_done if e.summary is not None else 0
+        kept = f"the {done} rows labelled before it are in {out}, nothing for the rest" if done else "no row was written"
+        _fail(f"the LM server is unavailable, so labelling stopped: {e}\n{kept}. Run the same command again "
+              "when the server is back: it resumes there.", code=EXIT_LM_UNAVAILABLE)
     except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
         _fail(str(e))
-    err = Console(stderr=True)
     for note in summary.notes:
-        err.print(note, highlight=False, soft_wrap=True)
-    err.print(
+        _say(note, stderr=True)
+    _say(
         f"labelled {summary.rows_done} rows ({summary.rows_failed} failed"
         + (f", {summary.rows_skipped} already in {out}" if summary.rows_skipped else "")
         + f") in {summary.seconds:.1f} s, {summary.rows_per_s:.1f} rows/s"
         + (f" -> {out}" if out else ""),
-        highlight=False,
-        soft_wrap=True,
+        stderr=True,
     )
     if summary.rows_failed:
         raise typer.Exit(1)
@@ -130,6 +145,9 @@ def label(
     ),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="label only the first N rows (a dry run)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start OUT over instead of resuming it"),
+    skip_errors: bool = typer.Option(
+        False, "--skip-errors", help="resume: keep OUT's error rows as done (default: label them again)"
+    ),
     lm: Optional[str] = typer.Option(None, "--lm", help="override the saved LM spec, e.g. openai:MODEL@URL"),
     trust_state: bool = typer.Option(
         False, "--trust-state", help="trust the state folder: let it name an LM endpoint, local model, file or template"
@@ -141,10 +159,11 @@ def label(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Label a corpus: stream rows through a saved classifier into OUT (id, labels, scores per
-    row), a chunk at a time; resumable; failed rows become {"id", "error"} rows (exit code 1)."""
+    row), a chunk at a time; resumable; failed rows become {"id", "error"} rows (exit code 1).
+    An unreachable LM server stops the run (exit code 75); run it again to resume."""
     _run_label(
         inputs, state, out, text_field=text_field, id_field=id_field, with_text=with_text, trace=trace, alpha=alpha,
-        limit=limit, overwrite=overwrite, lm=lm, trust=trust_state, engine=engine, workers=workers,
+        limit=limit, overwrite=overwrite, skip_errors=skip_errors, lm=lm, trust=trust_state, engine=engine, workers=workers,
         address=address, chunk_rows=chunk_rows, progress=not quiet,
     )
 
@@ -183,7 +202,7 @@ def fit(
     val = splits.validation if cfg.classifier.tune and splits.validation else None
     clf.fit(splits.train, labels=splits.labels, validation=val, tune="auto" if cfg.classifier.tune else "none")
     clf.save(out)
-    console.print(f"saved to {out} ({len(clf.pool_)} pool examples, {len(clf.classes_)} labels; tuned: {clf.tuned_})")
+    _say(f"saved to {out} ({len(clf.pool_)} pool examples, {len(clf.classes_)} labels; tuned: {clf.tuned_})")
 
 
 @app.command("compile")
@@ -197,10 +216,10 @@ def compile_(
     from iclcls.dspy.compile import compile_from_config
 
     try:
-        report = compile_from_config(config, out, data_dir=str(data_dir) if data_dir else None, log=lambda m: console.print(m, highlight=False))
+        report = compile_from_config(config, out, data_dir=str(data_dir) if data_dir else None, log=lambda m: _say(str(m)))
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(str(e))
-    console.print(f"best candidate scores: {report.get('candidates')}", highlight=False)
+    _say(f"best candidate scores: {report.get('candidates')}")
 
 
 @app.command("eval")
@@ -249,8 +268,8 @@ def eval_(
         if axes:
             results = run_sweep(raw, axes, target, source=config, force=force, command=command, show_progress=not quiet)
             for point, res in results:
-                console.print(f"{point}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items() if k in _EVAL_SHOW), highlight=False)
-            console.print(f"sweep report: {target / 'report.md'}", highlight=False)
+                _say(f"{point}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items() if k in _EVAL_SHOW))
+            _say(f"sweep report: {target / 'report.md'}")
             return
         cfg.eval.name = name
         res = run_eval(cfg, target, force=force, command=command, show_progress=not quiet)
@@ -263,8 +282,8 @@ def eval_(
         _fail(str(e))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items() if k in _EVAL_SHOW)
     done = f"{res.computed} predicted now" + (f", {len(res.records) - res.computed} from earlier" if res.computed < len(res.records) else "")
-    console.print(f"{name}: {shown} (n={len(res.records)}; {done})", highlight=False)
-    console.print(f"report: {target / 'report.md'}", highlight=False)
+    _say(f"{name}: {shown} (n={len(res.records)}; {done})")
+    _say(f"report: {target / 'report.md'}")
 
 
 
@@ -300,14 +319,13 @@ def cil(
     k = cfg.recall_k
     for name, r in metrics["methods"].items():
         joint = r.get("joint_accuracy")
-        console.print(
+        _say(
             f"{name}: final {r['final_accuracy']:.4f}"
             + (f", avg incremental {r['avg_incremental_accuracy']:.4f}, forgetting {r['forgetting']:.4f}" if r["avg_incremental_accuracy"] is not None else "")
             + (f", joint {joint:.4f}" if joint is not None else "")
-            + f", recall@{k} {r[f'shortlist_recall_at_{k}']:.4f} (n={r['eval_examples'][-1]})",
-            highlight=False,
+            + f", recall@{k} {r[f'shortlist_recall_at_{k}']:.4f} (n={r['eval_examples'][-1]})"
         )
-    console.print(f"report: {out / 'report.md'}", highlight=False)
+    _say(f"report: {out / 'report.md'}")
 
 
 @app.command("study")
@@ -340,12 +358,11 @@ def study(
     except (ResumeError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
         _fail(str(e))
     for s in res.summary:
-        console.print(
+        _say(
             f"{s['select']:>16} {s['shots']:>3} shots: accuracy {100 * s['accuracy_mean']:.2f} ± "
-            f"{100 * s['accuracy_std']:.2f}" + (" (deterministic)" if s["deterministic"] else ""),
-            highlight=False,
+            f"{100 * s['accuracy_std']:.2f}" + (" (deterministic)" if s["deterministic"] else "")
         )
-    console.print(f"report: {target / 'report.md'}", highlight=False)
+    _say(f"report: {target / 'report.md'}")
 
 
 @app.command("serve")

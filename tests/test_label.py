@@ -271,3 +271,223 @@ def test_ray_engine_ids_errors_and_resume(tmp_path, state, texts, ray_cluster):
     assert [r["id"] for r in got] == [r["id"] for r in read_rows(local)] and s.rows_skipped == 4
     assert got[5]["id"] == "row 5" and "malformed JSON" in got[5]["error"]
     assert [r.get("labels") for r in got] == [r.get("labels") for r in read_rows(local)]
+
+
+# -- outages, error rows on resume, --overwrite, refused runs ------------------------------------------
+
+
+class _StatusLM(ScriptedLM):
+    """Raises the client's ServerError for prompts holding a marker: control flow only.
+    ``BOOM``: the server refuses that prompt (HTTP 400); ``DOWN``: the outage ``status``."""
+
+    def __init__(self, status: int | None) -> None:
+        super().__init__()
+        self.status = status
+
+    def score_batch(self, requests):
+        from iclcls.lm.openai_compat import ServerError
+
+        for marker, status in (("BOOM", 400), ("DOWN", self.status)):
+            if any(marker in prompt for prompt, _ in requests):
+                raise ServerError(f"http://127.0.0.1:1/v1/completions -> HTTP {status}", status=status)
+        return super().score_batch(requests)
+
+
+@pytest.fixture(scope="module")
+def knn_lm_clf(banking):
+    from iclcls.programs import knn_fusion
+
+    clf = knn_fusion(lm=ScriptedLM(), shots=2, shortlist_k=3).fit(banking.train[:60], tune="none")
+
+    def make(lm):
+        clf.lm_ = lm
+        return clf
+
+    return make
+
+
+def test_a_bad_request_is_the_rows_error_but_an_outage_stops_with_the_rows_before_it(knn_lm_clf):
+    from iclcls.label import LMUnavailable
+
+    texts = ["card lost", "BOOM my card", "exchange rate", "DOWN top up", "atm"]
+    recs = [Record(i, i, t) for i, t in enumerate(texts)]
+    recs.insert(1, Record(9, 9, None, "line 2: malformed JSON"))
+    rows = label_records(knn_lm_clf(_StatusLM(400)), recs, RowOptions())  # prompts the server refuses
+    assert [("error" in r) for r in rows] == [False, True, True, False, True, False]
+    assert "HTTP 400" in rows[2]["error"]
+    for status in (None, 503, 429):  # connection refused / timed out, unavailable, rate-limited after retries
+        with pytest.raises(LMUnavailable) as stop:
+            label_records(knn_lm_clf(_StatusLM(status)), recs, RowOptions())
+        got = stop.value.rows  # the rows before the outage; nothing for the rest
+        assert [r["id"] for r in got] == [0, 9, 1, 2] and [("error" in r) for r in got] == [False, True, True, False]
+        with pytest.raises(LMUnavailable) as stop:  # the whole batch down: only rows without an LM call
+            label_records(knn_lm_clf(_StatusLM(status)), [recs[1], Record(3, 3, "DOWN")], RowOptions())
+        assert [r["id"] for r in stop.value.rows] == [9]
+
+
+def test_resume_labels_error_rows_again_unless_skip_errors(tmp_path, state, texts):
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps({"text": t}) for t in texts[:6]]
+    good2, lines[2] = lines[2], '{"text": "unterminated'
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    s = label_corpus(src, state=state, out=out, options=opts())
+    assert (s.rows_done, s.rows_failed) == (6, 1) and "error" in read_rows(out)[2]
+    s = label_corpus(src, state=state, out=out, options=opts(skip_errors=True))  # kept as done
+    assert (s.rows_done, s.rows_skipped) == (0, 6) and "error" in read_rows(out)[2]
+    lines[2] = good2  # the row fixed: a plain re-run labels it again, and it is in OUT once
+    src.write_text("\n".join(lines) + "\n")
+    s = label_corpus(src, state=state, out=out, options=opts())
+    rows = read_rows(out)
+    assert (s.rows_done, s.rows_failed, s.rows_skipped) == (1, 0, 5)
+    assert sorted(r["id"] for r in rows) == list(range(6)) and not any("error" in r for r in rows)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_a_refused_run_leaves_nothing_and_overwrite_truncates_before_the_sidecar(tmp_path, state, texts, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts[:4]])
+    out = tmp_path / "out.jsonl"
+    import shutil
+
+    from iclcls.errors import UntrustedStateError
+
+    odd = tmp_path / "odd"  # refused only when the state loads, after every cheap check
+    shutil.copytree(state, odd)
+    (odd / "link").symlink_to(src)
+    with pytest.raises(UntrustedStateError, match="symbolic link"):
+        label_corpus(src, state=odd, out=out, options=opts())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "odd"]
+    label_corpus(src, state=state, out=out, options=opts(limit=2))
+    before, meta_before = out.read_bytes(), meta_path(out).read_bytes()
+    with pytest.raises(UntrustedStateError):  # refused with --overwrite: the old rows stay
+        label_corpus(src, state=odd, out=out, options=opts(overwrite=True))
+    assert out.read_bytes() == before and meta_path(out).read_bytes() == meta_before
+
+    import iclcls.label.output as output
+
+    def crash(path, obj):  # the process dies between truncating OUT and writing the new sidecar
+        raise OSError("killed")
+
+    monkeypatch.setattr(output, "atomic_write_json", crash)
+    with pytest.raises(OSError, match="killed"):
+        label_corpus(src, state=state, out=out, options=opts(overwrite=True, with_text=True))
+    monkeypatch.undo()
+    assert out.read_bytes() == b"" and meta_path(out).read_bytes() == meta_before  # no old rows, old sidecar
+    s = label_corpus(src, state=state, out=out, options=opts(with_text=True))  # starts over cleanly
+    assert s.rows_done == 4 and all(r["text"] for r in read_rows(out))
+
+
+def test_lone_surrogates_and_nul_fail_only_their_rows_naming_file_and_line(tmp_path, state, texts):
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(texts[:5])]
+    lines[1] = '{"id": "d1", "text": "ab\\ud800cd"}'  # a lone surrogate, as JSON allows
+    lines[3] = '{"id": "d3", "text": "nul\\u0000byte"}'
+    lines[4] = '{"id": "d\\udc00", "text": "card lost"}'  # an id that cannot be written as UTF-8
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    s = label_corpus(src, state=state, out=out, options=opts(id_field="id", with_text=True, chunk_rows=16))
+    rows = read_rows(out)
+    assert (s.rows_done, s.rows_failed) == (5, 3)
+    assert [r["id"] for r in rows] == ["d0", "d1", "d2", "d3", "row 4"]
+    assert rows[1]["error"].startswith("in.jsonl, line 2: ") and "lone surrogate" in rows[1]["error"]
+    assert rows[3]["error"].startswith("in.jsonl, line 4: ") and "NUL" in rows[3]["error"]
+    assert "id field 'id'" in rows[4]["error"] and "lone surrogate" in rows[4]["error"]
+    assert rows[0]["labels"] and rows[2]["labels"] and rows[2]["text"] == texts[2]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [texts[0], "x\x00y"]}), tmp_path / "a.parquet")
+    label_corpus(tmp_path / "a.parquet", state=state, out=tmp_path / "pq.jsonl", options=opts())
+    rows = read_rows(tmp_path / "pq.jsonl")
+    assert rows[0]["labels"] and rows[1]["error"].startswith("a.parquet, row 1: ") and "NUL" in rows[1]["error"]
+
+
+def test_cli_prints_brackets_in_data_and_paths_as_they_are(tmp_path, state, texts):
+    d = tmp_path / "runs[1]"
+    d.mkdir()
+    src = write_jsonl(d / "in[a].jsonl", [{"text": t} for t in texts[:2]])
+    r = CliRunner().invoke(app, ["label", str(src), "--state", str(state), "--out", str(d / "out[b].jsonl"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "out[b].jsonl" in r.output and "runs[1]" in r.output
+    r = CliRunner().invoke(app, ["label", str(src), "--state", str(d / "st[ate]"), "--out", str(d / "o.jsonl")])
+    assert r.exit_code == 2 and "st[ate]: not a saved ICLClassifier" in r.output, r.output
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  benchmark: sample\n  validation_size: null\nclassifier:\n  program: retriever_only\n  shortlist_k: 3\n")
+    r = CliRunner().invoke(app, ["fit", str(cfg), "--out", str(d / "st")])
+    assert r.exit_code == 0, r.output
+    assert "'scores': [" in r.output and "runs[1]" in r.output, r.output
+
+
+# -- an LM server killed mid-run, then restarted: the run stops, the re-run resumes ----------------------
+
+STUB = Path(__file__).resolve().parent / "stub_openai_server.py"
+
+
+def _start_stub(port: int, log: Path) -> "subprocess.Popen":
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, str(STUB), "--port", str(port), "--delay", "0.05", "--log", str(log)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    line = proc.stdout.readline().decode()
+    assert line.startswith("ready"), line
+    return proc
+
+
+def _kill(proc) -> None:
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_lm_server_killed_mid_run_stops_the_run_and_the_rerun_labels_every_row_once(tmp_path, banking):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from iclcls.label import EXIT_LM_UNAVAILABLE
+    from iclcls.classifier import ICLClassifier
+    from iclcls.lm.server import free_port
+
+    port = free_port()
+    spec = f"openai:stub@http://127.0.0.1:{port}"
+    log = tmp_path / "requests.log"
+    server = _start_stub(port, log)
+    try:
+        clf = ICLClassifier(lm=ScriptedLM(), rank="generative", shots=1, shortlist_k=3)
+        clf.fit(banking.train[:60], tune="none").save(tmp_path / "st")
+        n = 40
+        src = write_jsonl(tmp_path / "in.jsonl", [{"doc": f"d{i}", "text": ex.text} for i, ex in enumerate(banking.test[:n])])
+        out = tmp_path / "out.jsonl"
+        cmd = [sys.executable, "-m", "iclcls.cli", "label", str(src), "--state", str(tmp_path / "st"), "--out", str(out),
+               "--lm", spec, "--id-field", "doc", "--chunk-rows", "4", "--quiet"]
+        env = {**os.environ, "ICLCLS_API_KEY": "x"}
+        run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        deadline = time.time() + 240
+        while time.time() < deadline and run.poll() is None:  # kill the server once a few chunks are in
+            if out.is_file() and len(out.read_bytes().splitlines()) >= 8:
+                break
+            time.sleep(0.05)
+        _kill(server)
+        text = run.communicate(timeout=240)[0].decode()
+        rows = read_rows(out)
+        assert run.returncode == EXIT_LM_UNAVAILABLE, text
+        assert "LM server is unavailable" in " ".join(text.split()) and f"127.0.0.1:{port}" in text
+        assert 8 <= len(rows) < n and not [r for r in rows if "error" in r]  # nothing for the unlabelled rows
+        first = {r["id"] for r in rows}
+        server = _start_stub(port, log)  # back on the same address: the same command resumes
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+        assert res.returncode == 0, res.stdout + res.stderr
+        rows = read_rows(out)
+        assert [r["id"] for r in rows][: len(first)] == [f"d{i}" for i in range(len(first))]
+        assert sorted(r["id"] for r in rows) == sorted(f"d{i}" for i in range(n))  # every row once
+        assert all(r["labels"] for r in rows) and f"{len(first)} already in" in res.stderr + res.stdout
+        print(f"\n[label] server killed after {len(first)} of {n} rows; the re-run labelled {n - len(first)}, none twice")
+    finally:
+        _kill(server)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from iclcls.label.output import ResumeRefused, meta_path, state_fingerprint
 from iclcls.label.readers import LabelInputError
-from iclcls.label.run import LabelOptions, LabelSummary, label_corpus
+from iclcls.label.rows import LMUnavailable
+from iclcls.label.run import EXIT_LM_UNAVAILABLE, LabelOptions, LabelSummary, label_corpus
 
 __all__ = [
+    "EXIT_LM_UNAVAILABLE",
+    "LMUnavailable",
     "LabelInputError",
     "LabelOptions",
     "LabelSummary",

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from iclcls.io import atomic_write_json, read_json
+from iclcls.io import atomic_path, atomic_write_json, fsync_dir, read_json
 from iclcls.label.readers import LabelInputError
 
 META_FORMAT = "iclcls-label"
@@ -66,23 +66,35 @@ def check_writable(out: Path) -> None:
 
 
 class JsonlSink:
-    """Rows to OUT: resume bookkeeping, then append + flush + fsync per chunk."""
+    """Rows to OUT: resume bookkeeping, then append + flush + fsync per chunk.
+
+    On resume only successful rows count as done: error rows are dropped from OUT (rewritten
+    atomically, so an id appears once) and labelled again, unless ``skip_errors`` keeps them.
+    """
 
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
         self.done: set[Any] = set()
-        self.failed_before = 0
+        self.failed_before = 0  # error rows found in OUT (kept with skip_errors, else retried)
+        self.rows_written = 0  # rows appended by this run
+        self._created: list[Path] = []  # files this run created (removed if it writes no row)
         self._f: IO[bytes] | None = None
 
-    def open(self, *, fingerprint: str, options: Mapping[str, Any], overwrite: bool) -> None:
+    def open(
+        self, *, fingerprint: str, options: Mapping[str, Any], overwrite: bool, skip_errors: bool = False
+    ) -> None:
         """Start fresh or resume: check the sidecar, cut a torn last line, collect done ids."""
         meta = {"format": META_FORMAT, "version": META_VERSION, "state": fingerprint, "options": dict(options)}
         mp = meta_path(self.out)
+        self._created = [p for p in (self.out, mp) if not p.exists()]
         has_rows = self.out.is_file() and self.out.stat().st_size > 0
         if overwrite or not has_rows:
-            atomic_write_json(mp, meta)
-            self._f = open(self.out, "wb")  # truncates
+            # The old rows go first (truncated and fsynced), then the new sidecar: a crash between
+            # leaves an empty OUT under the old sidecar, never old rows under the new fingerprint.
+            self._f = open(self.out, "wb")
             _fsync(self._f)
+            fsync_dir(self.out.parent)
+            atomic_write_json(mp, meta)
             return
         if not mp.is_file():
             raise ResumeRefused(
@@ -96,12 +108,15 @@ class JsonlSink:
                 f"{self.out} was written with a different {'; '.join(diffs)}; resuming would mix two "
                 "labellings. Pass --overwrite to start over, or choose another --out"
             )
-        self._load_done()
+        errors = self._load_done(keep_errors=skip_errors)
+        if errors and not skip_errors:
+            self._drop_error_rows()
         self._f = open(self.out, "ab")
 
-    def _load_done(self) -> None:
-        """Read OUT line by line (never whole): collect ids, cut a torn last line."""
-        good_end = 0
+    def _load_done(self, *, keep_errors: bool) -> int:
+        """Read OUT line by line (never whole): collect done ids, cut a torn last line; return
+        how many error rows it holds."""
+        good_end, errors = 0, 0
         with open(self.out, "rb+") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.endswith(b"\n"):  # a kill mid-write: drop the torn line
@@ -112,12 +127,21 @@ class JsonlSink:
                 good_end += len(line)
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LabelInputError(f"{self.out}, line {lineno}: not a JSON row ({e.msg}); cannot resume") from None
-                self.done.add(row.get("id") if isinstance(row, dict) else None)
-                self.failed_before += isinstance(row, dict) and "error" in row
+                row = _parse_row(line, self.out, lineno)
+                failed = "error" in row
+                errors += failed
+                if keep_errors or not failed:
+                    self.done.add(row.get("id"))
+        self.failed_before = errors
+        return errors
+
+    def _drop_error_rows(self) -> None:
+        """Rewrite OUT without its error rows (atomically: the old file or the new one, never half),
+        so that the rows labelled again now are the only rows for their ids."""
+        with atomic_path(self.out) as tmp, open(self.out, "rb") as src, open(tmp, "wb") as dst:
+            for lineno, line in enumerate(src, 1):
+                if line.strip() and "error" not in _parse_row(line, self.out, lineno):
+                    dst.write(line)
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
@@ -125,11 +149,31 @@ class JsonlSink:
         assert self._f is not None, "open() first"
         self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
         _fsync(self._f)
+        self.rows_written += len(rows)
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+    def discard(self) -> None:
+        """After a refused or failed run that wrote no row: remove the (empty) OUT and sidecar
+        that this run created, so a mistake leaves nothing behind."""
+        self.close()
+        if self.rows_written:
+            return
+        for p in self._created:
+            p.unlink(missing_ok=True)
+        if self._created:
+            fsync_dir(self.out.parent)
+
+
+def _parse_row(line: bytes, out: Path, lineno: int) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise LabelInputError(f"{out}, line {lineno}: not a JSON row ({e.msg}); cannot resume") from None
+    return row if isinstance(row, dict) else {"id": None, "error": "not a row"}
 
 
 class StdoutSink:

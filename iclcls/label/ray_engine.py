@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from iclcls.label.readers import Format, Record, csv_columns, parse_line, records_from_columns, unknown_id
-from iclcls.label.rows import RowOptions, label_records, prepare
+from iclcls.errors import LMServerError
+from iclcls.label.rows import LMUnavailable, RowOptions, label_records, prepare
 
 SKIPPED = ""  # a worker's marker for a row already in OUT (kept so the driver's numbering holds)
+OUTAGE = "__lm_unavailable__"  # a worker's last row when the LM server is unreachable: the driver stops there
 _UNKNOWN = unknown_id(None)
 
 
@@ -45,10 +47,21 @@ class LabelActor:
     def __call__(self, batch: Any) -> dict[str, list[str]]:
         records = self._records(batch)
         todo = [r for r in records if not (self.id_field and r.id in self.done)]
-        labelled = iter(label_records(self.clf, todo, self.row_options))
+        outage = None
+        try:
+            labelled = iter(label_records(self.clf, todo, self.row_options))
+        except LMUnavailable as e:  # as a row, not an exception: Ray would wrap or retry it
+            labelled, outage = iter(e.rows), str(e)
         out = []
         for r in records:
-            out.append(SKIPPED if self.id_field and r.id in self.done else json.dumps(next(labelled), ensure_ascii=False))
+            if self.id_field and r.id in self.done:
+                out.append(SKIPPED)
+                continue
+            row = next(labelled, None)
+            if row is None:
+                out.append(json.dumps({OUTAGE: outage}))
+                break
+            out.append(json.dumps(row, ensure_ascii=False))
         return {"row": out}
 
     def _records(self, batch: Any) -> list[Record]:
@@ -141,6 +154,9 @@ def iter_ray_rows(
                     out.append((row, None))
                 else:
                     d = json.loads(s)
+                    if OUTAGE in d:  # write what came before, then stop
+                        yield out
+                        raise LMUnavailable(LMServerError(d[OUTAGE]))
                     if d.get("id") is None:
                         d["id"] = row
                     elif d["id"] == _UNKNOWN:

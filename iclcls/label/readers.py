@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from iclcls.types import check_text
+
 Format = Literal["jsonl", "csv", "tsv", "parquet", "txt"]
 
 SUFFIXES: dict[str, Format] = {
@@ -64,6 +66,11 @@ def _check_id(value: Any, id_field: str) -> str | None:
         return f"no value in the id field {id_field!r}"
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return f"id field {id_field!r} holds {type(value).__name__} {value!r}; ids must be strings or integers"
+    if isinstance(value, str):
+        try:
+            check_text(value, f"id field {id_field!r}")
+        except ValueError as e:
+            return str(e)
     return None
 
 
@@ -90,6 +97,10 @@ def make_record(
         return Record(row, rid, None, f"{prefix}text field {text_field!r} holds {type(text).__name__}, not text")
     if not text.strip():
         return Record(row, rid, None, f"{prefix}empty text")
+    try:  # a lone surrogate or NUL fails this row here, not the batch it would be predicted with
+        check_text(text, where or (f"row {row}" if row is not None else f"text field {text_field!r}"))
+    except ValueError as e:
+        return Record(row, rid, None, str(e))
     return Record(row, rid, text)
 
 
@@ -132,10 +143,10 @@ def _has_surrogates(value: Any) -> bool:
 
 
 def records_from_columns(
-    texts: Any, ids: Any, *, rows: Sequence[int | None], text_field: str, id_field: str | None
+    texts: Any, ids: Any, *, rows: Sequence[int | None], text_field: str, id_field: str | None, source: str = ""
 ) -> list[Record]:
     """Records from an Arrow text column (and id column): text decoded per cell, so one bad
-    cell is one error record."""
+    cell is one error record (its error names ``source``, the file, and the row)."""
     import pyarrow as pa
 
     if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type) or pa.types.is_binary(texts.type):
@@ -144,7 +155,8 @@ def records_from_columns(
         text_values = texts.to_pylist()
     id_values = ids.to_pylist() if ids is not None else [None] * len(text_values)
     return [
-        make_record(t, i, row=r, id_field=id_field, text_field=text_field)
+        make_record(t, i, row=r, id_field=id_field, text_field=text_field,
+                    where=f"{source}, row {r}" if source and r is not None else "")
         for t, i, r in zip(text_values, id_values, rows)
     ]
 
@@ -310,7 +322,8 @@ def iter_records(
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
-                yield parse_line(raw, fmt=fmt, row=row, text_field=text_field, id_field=id_field, where=f"line {lineno}")
+                yield parse_line(raw, fmt=fmt, row=row, text_field=text_field, id_field=id_field,
+                                 where=f"{path.name}, line {lineno}")
                 row += 1
     elif fmt == "parquet":
         import pyarrow.parquet as pq
@@ -322,7 +335,7 @@ def iter_records(
             ids = batch.column(batch.schema.get_field_index(id_field)) if id_field else None
             yield from records_from_columns(
                 batch.column(batch.schema.get_field_index(text_field)), ids,
-                rows=range(row, row + n), text_field=text_field, id_field=id_field,
+                rows=range(row, row + n), text_field=text_field, id_field=id_field, source=path.name,
             )
             row += n
     else:
@@ -370,7 +383,8 @@ def _iter_csv(path: Path, fmt: Format, *, text_field: str, id_field: str | None,
             if texts is None:  # an ids-only scan
                 good = [Record(r, v, None) for r, v in zip(rows, ids.to_pylist())]
             else:
-                good = records_from_columns(texts, ids, rows=rows, text_field=text_field, id_field=id_field)
+                good = records_from_columns(texts, ids, rows=rows, text_field=text_field, id_field=id_field,
+                                            source=path.name)
             for skipped, rec in zip(before, good):
                 yield from skipped
                 yield rec

@@ -1,8 +1,11 @@
 """Records -> output rows with a loaded classifier; the one step both engines share.
 
-A failure is contained to its row: when a batch raises (an LM error after the client's
-retries, a text over the context budget), its rows are retried one by one and only the
-rows that still fail become ``{"id": ..., "error": ...}``.
+A failure is contained to its row: when a batch raises (an LM error on one prompt, a text
+over the context budget), its rows are retried one by one and only the rows that still fail
+become ``{"id": ..., "error": ...}``. An outage is not a row's fault: when the LM server
+cannot be reached (connection refused, timed out, 429/502/503/504 after the client's own
+retries), labelling stops with :class:`LMUnavailable`, which carries the rows finished before
+it, so that nothing is written for the rows it did not label and a re-run resumes there.
 """
 
 from __future__ import annotations
@@ -11,7 +14,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from iclcls.errors import LMServerError
 from iclcls.label.readers import Record
+
+# HTTP statuses that say "the server (or the path to it) is unavailable", not "this prompt is bad".
+OUTAGE_STATUSES = frozenset({408, 429, 502, 503, 504})
+
+
+class LMUnavailable(RuntimeError):
+    """The LM server is unreachable: the run stops. ``rows`` are the rows finished before the
+    outage (a prefix of the records given, in order); ``cause`` is the client's error."""
+
+    def __init__(self, cause: BaseException, rows: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.rows = list(rows)
+        self.summary: Any = None  # the run's LabelSummary, set by label_corpus
+
+
+def is_outage(error: BaseException) -> bool:
+    """True when ``error`` says the LM server is down or unreachable rather than that one
+    input failed: an :class:`LMServerError` without an HTTP status (connection refused,
+    timed out) or with a status in :data:`OUTAGE_STATUSES`."""
+    if not isinstance(error, LMServerError):
+        return False
+    status = getattr(error, "status", None)
+    return status is None or status in OUTAGE_STATUSES
 
 
 @dataclass(frozen=True)
@@ -36,20 +64,33 @@ def prepare(clf: Any, *, chunk_rows: int) -> Any:
     return clf
 
 
-def label_records(clf: Any, records: Sequence[Record], opts: RowOptions) -> list[dict[str, Any]]:
-    """One output row per record, in order."""
+def check_row_options(clf: Any, opts: RowOptions) -> None:
+    """Refuse options the loaded state cannot serve (before OUT is touched)."""
     if opts.alpha is not None and not ((getattr(clf, "tuned_", None) or {}).get("conformal") or {}).get("n"):
         raise ValueError("--alpha needs a state with conformal calibration: fit it again (fit calibrates by "
                          "cross-validation unless tune='none')")
+
+
+def label_records(clf: Any, records: Sequence[Record], opts: RowOptions) -> list[dict[str, Any]]:
+    """One output row per record, in order; raises :class:`LMUnavailable` (with the rows before
+    it) when the LM server is unreachable."""
+    check_row_options(clf, opts)
     good = [r for r in records if r.error is None]
-    preds = _predict_contained(clf, [r.text for r in good])
+    outage: BaseException | None = None
+    try:
+        preds = _predict_contained(clf, [r.text for r in good])
+    except _Outage as stop:
+        preds, outage = stop.finished, stop.cause
     by_pos = iter(preds)
     rows: list[dict[str, Any]] = []
     for r in records:
         if r.error is not None:
             rows.append({"id": r.id, "error": r.error})
             continue
-        p = next(by_pos)
+        p = next(by_pos, _MISSING)
+        if p is _MISSING:  # the outage came before this record: nothing is written for it
+            assert outage is not None
+            raise LMUnavailable(outage, rows)
         if isinstance(p, BaseException):
             rows.append({"id": r.id, "error": f"{type(p).__name__}: {p}"})
             continue
@@ -68,19 +109,35 @@ def label_records(clf: Any, records: Sequence[Record], opts: RowOptions) -> list
     return rows
 
 
+_MISSING = object()
+
+
+class _Outage(Exception):
+    """Internal: the outage, with the predictions (or row errors) finished before it."""
+
+    def __init__(self, cause: BaseException, finished: list[Any]) -> None:
+        super().__init__(str(cause))
+        self.cause, self.finished = cause, finished
+
+
 def _predict_contained(clf: Any, texts: list[str]) -> list[Any]:
-    """Predictions, or the exception for each text that fails on its own."""
+    """Predictions, or the exception for each text that fails on its own; raises ``_Outage``
+    (with what finished before it) when the LM server is unreachable."""
     if not texts:
         return []
     try:
         return list(clf.predict(texts, show_progress=False))
     except Exception as batch_error:  # noqa: BLE001 - isolate the failing rows below
+        if is_outage(batch_error):
+            raise _Outage(batch_error, []) from batch_error
         if len(texts) == 1:
             return [batch_error]
     out: list[Any] = []
     for t in texts:
         try:
             out.extend(clf.predict([t], show_progress=False))
-        except Exception as e:  # noqa: BLE001 - becomes this row's error
+        except Exception as e:  # noqa: BLE001 - becomes this row's error, unless the server is down
+            if is_outage(e):
+                raise _Outage(e, out) from e
             out.append(e)
     return out

@@ -1,8 +1,12 @@
 """Label a corpus: check everything cheap first, then stream chunks through the classifier.
 
 Order of work, so that a mistake costs nothing: the input's format and columns, OUT's
-writability, duplicate ids, the sidecar (resume or refuse) -- and only then the state is
-loaded and rows are labelled, a chunk at a time, each chunk appended and fsynced.
+writability, duplicate ids, the state (loaded, for the local engine) -- and only then OUT
+and its sidecar are opened (resume or refuse) and rows are labelled, a chunk at a time,
+each chunk appended and fsynced. A run refused or failed before its first row removes the
+OUT and sidecar it created. An LM server outage stops the run with :class:`LMUnavailable`
+(exit code :data:`EXIT_LM_UNAVAILABLE` from the CLI) after writing the rows finished before
+it; a re-run resumes there and, unless ``skip_errors``, labels the earlier error rows again.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from typing import Any, Literal
 
 from iclcls.label.output import JsonlSink, StdoutSink, check_writable, state_fingerprint
 from iclcls.label.readers import LabelInputError, chunked, check_unique_ids, detect_format, inspect_input, iter_records
-from iclcls.label.rows import RowOptions, label_records, prepare
+from iclcls.label.rows import LMUnavailable, RowOptions, check_row_options, label_records, prepare
+
+EXIT_LM_UNAVAILABLE = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, run the same command again
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class LabelOptions:
     trust: bool = False
     limit: int | None = None
     overwrite: bool = False
+    skip_errors: bool = False  # resume: keep OUT's error rows as done instead of labelling them again
     chunk_rows: int = 256
     engine: Literal["local", "ray"] = "local"
     workers: int = 1
@@ -75,7 +82,8 @@ def label_corpus(
 ) -> LabelSummary:
     """Label every row of ``input_path`` with the classifier saved in ``state`` into ``out``
     (JSONL; None: standard output, no resume). Raises LabelInputError before any work when the
-    input, the output or a resume is wrong; row-level failures become error rows instead."""
+    input, the output or a resume is wrong; row-level failures become error rows instead; an LM
+    server outage raises :class:`LMUnavailable` after writing the rows finished before it."""
     t0 = time.perf_counter()
     opts = options
     if opts.chunk_rows < 1 or opts.workers < 1 or (opts.limit is not None and opts.limit < 0):
@@ -93,41 +101,64 @@ def label_corpus(
     if opts.id_field is not None:
         check_unique_ids(src, fmt, text_field=opts.text_field, id_field=opts.id_field)
     fingerprint = state_fingerprint(Path(state))
+    row_opts = RowOptions(with_text=opts.with_text, trace=opts.trace, alpha=opts.alpha)
+    clf = _load_local(Path(state), opts, row_opts) if opts.engine == "local" and info.rows != 0 else None
     sink: JsonlSink | StdoutSink
     if out_path is not None:
         sink = JsonlSink(out_path)
-        sink.open(fingerprint=fingerprint, options=opts.sidecar(src), overwrite=opts.overwrite)
+        sink.open(fingerprint=fingerprint, options=opts.sidecar(src), overwrite=opts.overwrite,
+                  skip_errors=opts.skip_errors)
     else:
         sink = StdoutSink()
     total = info.rows if opts.limit is None or info.rows is None else min(info.rows, opts.limit)
     summary = LabelSummary(out=str(out_path) if out_path else None, total_rows=total, engine=opts.engine)
+    ok = False
     try:
         if info.rows == 0:
             summary.notes.append(f"{src} has no rows: nothing to label")
-            return summary
-        row_opts = RowOptions(with_text=opts.with_text, trace=opts.trace, alpha=opts.alpha)
-        with _progress(total, opts.progress) as advance:
-            for batch in _batches(src, fmt, state=Path(state), opts=opts, row_opts=row_opts, done=sink.done):
-                rows = []
-                for _, row in batch:
-                    if row is None or row["id"] in sink.done:
-                        summary.rows_skipped += 1
-                        continue
-                    rows.append(row)
-                sink.write(rows)
-                summary.rows_done += len(rows)
-                summary.rows_failed += sum("error" in r for r in rows)
-                advance(len(batch), summary)
+        else:
+            with _progress(total, opts.progress) as advance:
+                for batch in _batches(src, fmt, state=Path(state), clf=clf, opts=opts, row_opts=row_opts, done=sink.done):
+                    rows = []
+                    for _, row in batch:
+                        if row is None or row["id"] in sink.done:
+                            summary.rows_skipped += 1
+                            continue
+                        rows.append(row)
+                    sink.write(rows)
+                    summary.rows_done += len(rows)
+                    summary.rows_failed += sum("error" in r for r in rows)
+                    advance(len(batch), summary)
+        ok = True
+    except LMUnavailable as e:
+        e.summary = summary  # what was written before the outage, for the message
+        raise
     finally:
-        sink.close()
         summary.seconds = time.perf_counter() - t0
+        if ok or not isinstance(sink, JsonlSink):
+            sink.close()
+        else:
+            sink.discard()
     return summary
 
 
+def _load_local(state: Path, opts: LabelOptions, row_opts: RowOptions) -> Any:
+    """The classifier for the local engine, loaded (and the row options checked against it)
+    before OUT is opened, so that a bad state or option leaves OUT as it was."""
+    from iclcls.classifier import ICLClassifier
+
+    clf = prepare(ICLClassifier.load(state, lm=opts.lm, trust=opts.trust), chunk_rows=opts.chunk_rows)
+    check_row_options(clf, row_opts)
+    return clf
+
+
 def _batches(
-    src: Path, fmt: Any, *, state: Path, opts: LabelOptions, row_opts: RowOptions, done: set[Any]
+    src: Path, fmt: Any, *, state: Path, clf: Any, opts: LabelOptions, row_opts: RowOptions, done: set[Any]
 ) -> Iterator[list[tuple[int, dict[str, Any] | None]]]:
-    """``(row number, row or None when already done)`` batches, in input order, from either engine."""
+    """``(row number, row or None when already done)`` batches, in input order, from either engine.
+
+    On an LM outage the rows finished before it come as a last, shorter batch, then
+    :class:`LMUnavailable` is raised."""
     if opts.engine == "ray":
         from iclcls.label.ray_engine import iter_ray_rows
 
@@ -137,14 +168,30 @@ def _batches(
             address=opts.address, limit=opts.limit, done=done,
         )
         return
-    from iclcls.classifier import ICLClassifier
-
-    clf = prepare(ICLClassifier.load(state, lm=opts.lm, trust=opts.trust), chunk_rows=opts.chunk_rows)
     records = iter_records(src, fmt, text_field=opts.text_field, id_field=opts.id_field)
     for chunk in chunked(_limited(records, opts.limit), opts.chunk_rows):
         todo = [r for r in chunk if r.id not in done]
-        labelled = iter(label_records(clf, todo, row_opts))
-        yield [(r.row, None if r.id in done else next(labelled)) for r in chunk]
+        try:
+            labelled = label_records(clf, todo, row_opts)
+        except LMUnavailable as outage:
+            yield _finished(chunk, done, outage.rows)
+            raise
+        it = iter(labelled)
+        yield [(r.row, None if r.id in done else next(it)) for r in chunk]
+
+
+def _finished(chunk: list[Any], done: set[Any], rows: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any] | None]]:
+    """The chunk's records up to the first one the outage left unlabelled."""
+    it, out = iter(rows), []
+    for r in chunk:
+        if r.id in done:
+            out.append((r.row, None))
+            continue
+        row = next(it, None)
+        if row is None:
+            break
+        out.append((r.row, row))
+    return out
 
 
 def _limited(records: Iterator[Any], limit: int | None) -> Iterator[Any]:
