@@ -29,9 +29,16 @@ class Pool:
         self.embedder = embedder
         self.labels = labels if labels is not None else LabelSpace()
         self.examples: list[Example] = []
-        self.embeddings = np.zeros((0, 0), dtype=np.float32)
+        self._emb = np.zeros((0, 0), dtype=np.float32)  # capacity >= len(self): grows by doubling
         self.index: VectorIndex | None = None
         self._by_label: dict[str, list[int]] = {}
+        self._sums: dict[str, np.ndarray] = {}  # per label: the sum of its examples' embeddings (float64)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """The examples' embeddings, one row each (a view of a buffer that grows by doubling, so an
+        addition copies only its own rows, not the whole pool)."""
+        return self._emb[: len(self.examples)]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -60,11 +67,24 @@ class Pool:
 
     def _append(self, examples: list[Example], embeddings: np.ndarray, ids: np.ndarray) -> None:
         start = len(self.examples)
+        end = start + len(examples)
+        if start == 0 and len(self._emb) <= end:
+            self._emb = np.array(embeddings, dtype=np.float32, copy=True).reshape(len(examples), -1)
+        else:
+            if end > len(self._emb):
+                grown = np.empty((max(end, 2 * len(self._emb)), embeddings.shape[1]), dtype=np.float32)
+                grown[:start] = self._emb[:start]
+                self._emb = grown
+            self._emb[start:end] = embeddings
         self.examples.extend(examples)
-        self.embeddings = embeddings if start == 0 else np.vstack([self.embeddings, embeddings])
-        for i, ex in zip(ids, examples):
+        for i, ex, vec in zip(ids, examples, embeddings):
             for lab in ex.labels:
                 self._by_label.setdefault(lab, []).append(int(i))
+                total = self._sums.get(lab)
+                if total is None:
+                    self._sums[lab] = vec.astype(np.float64)
+                else:
+                    total += vec
 
     def indices_of(self, label: str) -> list[int]:
         return self._by_label.get(label, [])
@@ -84,9 +104,14 @@ class Pool:
         labels = [lab for lab in (labels or self.labels) if self._by_label.get(lab)]
         if not labels:
             return [], np.zeros((0, self.dim), dtype=np.float32)
-        means = np.stack([self.embeddings[self._by_label[lab]].mean(axis=0) for lab in labels])
+        return labels, self.means_of(labels)
+
+    def means_of(self, labels: Sequence[str]) -> np.ndarray:
+        """Unit-norm mean embeddings of ``labels`` (each must have examples), from running sums:
+        O(labels x dim), whatever the pool's size."""
+        means = np.stack([self._sums[lab] / len(self._by_label[lab]) for lab in labels])
         means /= np.linalg.norm(means, axis=1, keepdims=True) + 1e-12
-        return labels, means.astype(np.float32)
+        return means.astype(np.float32)
 
     # -- persistence: JSONL + npy + faiss; never pickle --------------------------------
     def save(self, directory: str | Path) -> None:

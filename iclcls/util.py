@@ -34,3 +34,36 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("ICLCLS_CACHE") or Path.home() / ".cache" / "iclcls")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class GrowingArray:
+    """Rows appended in amortised O(rows added): a buffer that doubles, seen through ``view``.
+
+    Incremental stages keep their per-class arrays in one, so adding a class copies only its
+    own rows, not everything added before it.
+    """
+
+    def __init__(self, width: int | None = None, dtype: type | np.dtype = np.float32) -> None:
+        shape = (0,) if width is None else (0, width)
+        self._buf = np.zeros(shape, dtype=dtype)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=self._buf.dtype)
+        end = self._n + len(rows)
+        if end > len(self._buf):
+            grown = np.empty((max(end, 2 * len(self._buf)), *self._buf.shape[1:]), dtype=self._buf.dtype)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : end] = rows
+        self._n = end
+
+    def set(self, positions: np.ndarray, rows: np.ndarray) -> None:
+        self._buf[: self._n][positions] = rows

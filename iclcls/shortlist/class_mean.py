@@ -9,6 +9,7 @@ import numpy as np
 from iclcls.pool import Pool
 from iclcls.types import Candidates, Query
 from iclcls.shortlist.base import SHORTLISTERS, BaseShortlister, top_candidates
+from iclcls.shortlist.means import ClassMeans
 
 
 @SHORTLISTERS.register("class_mean")
@@ -17,8 +18,21 @@ class ClassMeanShortlister(BaseShortlister):
 
     def fit(self, pool: Pool) -> ClassMeanShortlister:
         self.pool_ = pool
-        self.labels_, self.means_ = pool.class_means()
+        self.table_ = ClassMeans(pool)
         return self
+
+    def update(self, pool: Pool, new_ids: np.ndarray) -> None:
+        """O(new examples + their classes), equal to a refit (see ``ClassMeans``)."""
+        self.pool_ = pool
+        self.table_.update(pool, new_ids)
+
+    @property
+    def labels_(self) -> list[str]:
+        return self.table_.labels
+
+    @property
+    def means_(self) -> np.ndarray:
+        return self.table_.means
 
     def scores(self, queries: Sequence[Query]) -> np.ndarray:
         q = np.stack([x.embedding for x in queries]).astype(np.float32)

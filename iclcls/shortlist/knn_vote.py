@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from iclcls.pool import Pool
+from iclcls.shortlist.means import ClassMeans
+from iclcls.util import GrowingArray
 from iclcls.types import Candidates, Query
 from iclcls.shortlist.base import SHORTLISTERS, BaseShortlister
 
@@ -27,22 +29,41 @@ class KNNVoteShortlister(BaseShortlister):
 
     def fit(self, pool: Pool) -> KNNVoteShortlister:
         self.pool_ = pool
-        self.mean_labels_, self.means_ = pool.class_means()
-        self._label_rows: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.table_ = ClassMeans(pool)
+        self._ptr = GrowingArray(dtype=np.int64)
+        self._ptr.append(np.zeros(1, dtype=np.int64))
+        self._idx = GrowingArray(dtype=np.int64)
+        self._index_examples(range(len(pool)))
         return self
 
+    @property
+    def mean_labels_(self) -> list[str]:
+        return self.table_.labels
+
+    @property
+    def means_(self) -> np.ndarray:
+        return self.table_.means
+
+    def update(self, pool: Pool, new_ids: np.ndarray) -> None:
+        """New examples in O(their number + their classes), equal to a refit (see ``ClassMeans``)."""
+        if not len(new_ids):
+            return
+        self.pool_ = pool
+        if len(self._ptr) - 1 != int(new_ids[0]) or not self.table_.update(pool, new_ids):
+            self.fit(pool)
+            return
+        self._index_examples(new_ids)
+
+    def _index_examples(self, ids) -> None:
+        """Append the examples' label indices to the CSR the vote reads (examples in pool order)."""
+        index = self.table_.index
+        per = [[index[lab] for lab in self.pool_.examples[i].labels] for i in ids]
+        ends = int(self._ptr.view[-1]) + np.cumsum([len(x) for x in per], dtype=np.int64)
+        self._ptr.append(ends)
+        self._idx.append(np.fromiter((j for x in per for j in x), dtype=np.int64))
+
     def _example_labels(self) -> tuple[np.ndarray, np.ndarray]:
-        """CSR of each pool example's label indices (into ``mean_labels_``), built once per pool size."""
-        n = len(self.pool_)
-        cached = getattr(self, "_label_rows", None)
-        if cached is None or cached[0] != n:
-            index = {lab: i for i, lab in enumerate(self.mean_labels_)}
-            per = [[index[lab] for lab in ex.labels if lab in index] for ex in self.pool_.examples]
-            ptr = np.zeros(n + 1, dtype=np.int64)
-            ptr[1:] = np.cumsum([len(x) for x in per])
-            idx = np.fromiter((i for x in per for i in x), dtype=np.int64, count=int(ptr[-1]))
-            cached = self._label_rows = (n, ptr, idx)
-        return cached[1], cached[2]
+        return self._ptr.view, self._idx.view
 
     def shortlist(self, queries: Sequence[Query], k: int) -> list[Candidates]:
         if not queries:
