@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from iclcls.config import ClassifierConfig, DataConfig, load_yaml, parse
 from iclcls.experiment import build_classifier, load_splits, remember_lm, subset
-from iclcls.experiment.report import fmt, markdown_table, pyplot, save_png
+from iclcls.experiment.report import figure, fmt, markdown_table, pyplot, save_png
 from iclcls.io import atomic_write_json, atomic_write_text
 from iclcls.metrics import average_incremental_accuracy, forgetting, wilson_interval
 from iclcls.types import Example
@@ -265,7 +265,8 @@ def write_outputs(metrics: dict[str, Any], out_dir: str | Path, *, config_path: 
     """``metrics.json``, the accuracy-vs-task plot and ``report.md`` (re-runnable from a metrics.json)."""
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "metrics.json", metrics)
-    plot = plot_accuracy(metrics["methods"], out_dir / "accuracy_vs_task.png", title=f"{metrics['name']}: accuracy on all seen classes")
+    plot = figure(plot_accuracy, metrics["methods"], out_dir / "accuracy_vs_task.png",
+                  title=f"{metrics['name']}: accuracy on all seen classes", what="accuracy_vs_task.png")
     atomic_write_text(out_dir / "report.md", report_markdown(metrics, plot.name if plot else None, config_path))
 
 

@@ -59,7 +59,7 @@ def run_sweep(
     Every point is validated before any runs, so a bad value fails fast. Finished points are
     re-scored, not re-run, so an interrupted sweep resumes where it stopped.
     """
-    from iclcls.experiment.report import sweep_report
+    from iclcls.experiment.report import report_safely, sweep_report
 
     if not axes:
         raise ValueError("a sweep needs at least one axis, e.g. shots=2,4,8")
@@ -81,5 +81,5 @@ def run_sweep(
     rows = [{"run": run_name(p), **p, **r.metrics} for p, r in results]
     primary = primary_metric(cfgs[0], any(r.info.get("multi_label") for _, r in results))
     atomic_write_json(out / "sweep.json", {"axes": {k: list(v) for k, v in axes.items()}, "primary": primary, "rows": rows})
-    sweep_report(out, name=base_name, rows=rows, axes=list(axes), primary=primary, ks=cfgs[0].eval.ks, command=command)
+    report_safely(sweep_report, out, name=base_name, rows=rows, axes=list(axes), primary=primary, ks=cfgs[0].eval.ks, command=command)
     return results

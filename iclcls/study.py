@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from iclcls.config import EvalConfig, apply_overrides, load_yaml, parse
 from iclcls.experiment import PARTIAL, Prepared, run_experiment
-from iclcls.experiment.report import markdown_table, pyplot, save_png
+from iclcls.experiment.report import figure, markdown_table, pyplot, save_png
 from iclcls.io import atomic_write_json, atomic_write_text, read_json
 from iclcls.lm.base import BaseLM
 from iclcls.types import Example
@@ -462,7 +462,8 @@ def study_report(
             f"† deterministic: {', '.join(fixed)} select the same demonstrations for every seed, so they ran once "
             "and their std over seeds is 0 by construction (not a measured spread).\n"
         )
-    p = plot_study(summary, out_dir / "accuracy_vs_shots.png", reference=reference["accuracy"] if reference else None)
+    p = figure(plot_study, summary, out_dir / "accuracy_vs_shots.png",
+               reference=reference["accuracy"] if reference else None, what="accuracy_vs_shots.png")
     if p:
         parts.append(f"![accuracy against shots]({p.name})\n")
     cost = [[s["select"], s["shots"], _num(s["demos_per_query"]), _num(s["lm_calls_per_query"], 2),

@@ -284,3 +284,42 @@ def test_fusion_curve_from_traces():
     # w=0 follows the retriever (b), w=1 the LM (a); each is right once out of two
     assert curve["accuracy"][0] == 0.5 and curve["accuracy"][2] == 0.5
     assert fusion_curve([{"gold": ["a"], "trace": {"ranker": "retriever"}}]) is None
+
+
+# -- a figure never fails a run --------------------------------------------------------------------
+
+
+def test_per_class_plot_draws_classes_at_100_and_0_percent(tmp_path):
+    from iclcls.experiment.report import plot_per_class
+    from iclcls.metrics import wilson_interval
+
+    assert wilson_interval(6, 6)[1] < 1.0 and wilson_interval(0, 11)[0] > 0.0  # the rounding that broke it
+    records = [{"gold": ["a"], "labels": ["a"]}] * 6 + [{"gold": ["b"], "labels": ["a"]}] * 11
+    records += [{"gold": ["c"], "labels": ["c"]}] * 21 + [{"gold": ["d"], "labels": ["c"]}, {"gold": ["d"], "labels": ["d"]}]
+    p = plot_per_class(records, tmp_path / "per_class.png", title="t")
+    assert p is not None and p.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_failing_figure_or_report_is_a_warning_and_the_results_are_written(tmp_path, data_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    import iclcls.experiment.report as report
+    from iclcls.cli import app
+
+    def broken(*args, **kwargs):
+        raise ValueError("'xerr' must not contain negative values")
+
+    monkeypatch.setattr(report, "plot_per_class", broken)
+    cfg = load(tmp_path, banking_raw(data_dir, test_size=20))
+    out = tmp_path / "run"
+    with pytest.warns(report.ReportWarning, match="per_class.png was not drawn"):
+        res = run_eval(cfg, out, show_progress=False)
+    assert res.metrics["n"] == 20 and json.loads((out / "metrics.json").read_text())["n"] == 20
+    assert len(read_predictions(out / "predictions.jsonl")) == 20 and (out / "at_k.png").is_file()
+    assert "per_class.png was not drawn (ValueError: 'xerr' must not contain negative values)" in (out / "report.md").read_text()
+
+    monkeypatch.setattr(report, "atomic_write_text", lambda *a, **k: broken())  # report.md itself fails
+    (out / "metrics.json").unlink()
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "cfg.yaml"), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output  # rescored from predictions.jsonl; the report's failure is a warning
+    assert json.loads((out / "metrics.json").read_text())["n"] == 20

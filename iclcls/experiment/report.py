@@ -9,9 +9,10 @@ report and linked from it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import yaml
@@ -90,11 +91,45 @@ def _ref(ref: Mapping[str, Any], key: str) -> str:
 
 
 def save_png(fig: Any, path: Path) -> Path:
-    """Write a figure as PNG atomically and close it."""
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    pyplot().close(fig)
+    """Write a figure as PNG atomically and close it (also when writing fails)."""
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    finally:
+        pyplot().close(fig)
     return path
+
+
+class ReportWarning(RuntimeWarning):
+    """A figure or report could not be written; the run's metrics and predictions are intact."""
+
+
+T = TypeVar("T")
+
+
+def figure(draw: Callable[..., T | None], *args: Any, what: str, problems: list[str] | None = None, **kwargs: Any) -> T | None:
+    """``draw(*args, **kwargs)``, or None with a :class:`ReportWarning` when it fails: a figure
+    is a view of results that are already written, so it never fails a run. The problem is
+    also appended to ``problems`` (for the report to say which figure is missing and why)."""
+    try:
+        return draw(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any plotting failure is only a missing figure
+        why = f"{what} was not drawn ({type(e).__name__}: {str(e)[:300]})"
+        warnings.warn(why + "; the metrics and predictions are written", ReportWarning, stacklevel=2)
+        if problems is not None:
+            problems.append(why)
+        return None
+
+
+def report_safely(write: Callable[..., Path], *args: Any, what: str = "report.md", **kwargs: Any) -> Path | None:
+    """``write(*args, **kwargs)``, or None with a :class:`ReportWarning` when it fails (after the
+    metrics and predictions were written, a report is never worth failing the run for)."""
+    try:
+        return write(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a failed report leaves the results intact
+        warnings.warn(f"{what} was not written ({type(e).__name__}: {str(e)[:300]}); the metrics and "
+                      "predictions are written", ReportWarning, stacklevel=2)
+        return None
 
 
 def plot_at_k(records: Sequence[Mapping[str, Any]], path: str | Path, *, max_k: int, multi_label: bool, title: str) -> Path | None:
@@ -136,7 +171,10 @@ def plot_per_class(records: Sequence[Mapping[str, Any]], path: str | Path, *, ti
     fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.17 * n))
     y = np.arange(n)
     acc = np.array([100 * c.accuracy for c in scores])
+    # A Wilson bound can round a hair past the accuracy (a class at 100%): matplotlib refuses
+    # negative error bars, so clip them at zero.
     err = np.array([[100 * (c.accuracy - c.low) for c in scores], [100 * (c.high - c.accuracy) for c in scores]])
+    err = np.clip(np.nan_to_num(err, nan=0.0), 0.0, None)
     ax.errorbar(acc, y, xerr=err, fmt="o", ms=3, lw=0.8, capsize=1.5, color="tab:blue", ecolor="tab:gray")
     overall = 100 * float(np.mean([p == g for p, g in zip(pred, gold)]))
     ax.axvline(overall, color="tab:red", lw=1, ls="--", label=f"overall {overall:.1f}%")
@@ -285,31 +323,37 @@ def run_report(
     extra = [(k, fmt(k, metrics[k])) for k in ("labels_per_prediction", "seconds_per_example", "prompt_tokens_mean") if k in metrics]
     if extra:
         parts.append("\n" + ", ".join(f"{k}: {v}" for k, v in extra) + "\n")
-    plots = []
-    p = plot_at_k(records, out / "at_k.png", max_k=max(max(ks), 10), multi_label=multi, title=f"{name}: {'RP@k, R@k, P@k' if multi else 'top-k accuracy'}")
+    plots, missing = [], []
+    p = figure(plot_at_k, records, out / "at_k.png", max_k=max(max(ks), 10), multi_label=multi,
+               title=f"{name}: {'RP@k, R@k, P@k' if multi else 'top-k accuracy'}", what="at_k.png", problems=missing)
     if p:
         plots.append(("metrics against k", p.name))
     if per_class and not multi:
-        p = plot_per_class(records, out / "per_class.png", title=f"{name}: per-class accuracy")
+        p = figure(plot_per_class, records, out / "per_class.png", title=f"{name}: per-class accuracy",
+                   what="per_class.png", problems=missing)
         if p:
             plots.append(("per-class accuracy with 95% Wilson intervals", p.name))
     if per_class and multi:
-        p = plot_per_label_f1(records, out / "per_label_f1.png", title=f"{name}: per-label F1")
+        p = figure(plot_per_label_f1, records, out / "per_label_f1.png", title=f"{name}: per-label F1",
+                   what="per_label_f1.png", problems=missing)
         if p:
             plots.append(("per-label F1", p.name))
-    curve = fusion_curve(records)
+    curve = figure(fusion_curve, records, what="the fusion curve", problems=missing)
     if curve is not None:
         acc = curve["accuracy"]
         tuned_w = (info.get("tuned") or {}).get("fusion_weight")
-        p = plot_fusion(curve, out / "fusion.png", tuned=tuned_w, title=f"{name}: LM and retriever fused, on the scored examples")
-        plots.append(("accuracy against the fusion weight", p.name))
+        p = figure(plot_fusion, curve, out / "fusion.png", tuned=tuned_w,
+                   title=f"{name}: LM and retriever fused, on the scored examples", what="fusion.png", problems=missing)
+        if p:
+            plots.append(("accuracy against the fusion weight", p.name))
         parts.append(
             f"\nFrom the traces, top-1 accuracy on these examples: retriever alone {fmt('a', acc[0])}, "
             f"LM alone {fmt('a', acc[-1])}, best fusion {fmt('a', max(acc))} at w = {curve['weight'][int(np.argmax(acc))]:.2f} "
             + (f"(the run used w = {tuned_w:.2f}, chosen on validation).\n" if tuned_w is not None else "(the run's w was not tuned).\n")
         )
-    if plots:
+    if plots or missing:
         parts.append("\n## Plots\n\n" + "\n\n".join(f"![{alt}]({fname})" for alt, fname in plots) + "\n")
+        parts += [f"\n> {why}.\n" for why in missing]
     run_rows = [
         ["benchmark", info.get("benchmark")],
         ["scored split", f"{info.get('split')} ({info.get('scored')} examples; {info.get('dropped_unlabelled', 0)} unlabelled dropped)"],
@@ -358,7 +402,7 @@ def sweep_report(
     if best is not None:
         parts.append(f"Best {primary}: **{fmt(primary, best.get(primary))}** ({best['run']}).\n")
     parts.append("## Comparison\n\n" + table)
-    p = plot_sweep(rows, axes, primary, out / "sweep.png")
+    p = figure(plot_sweep, rows, axes, primary, out / "sweep.png", what="sweep.png")
     if p:
         parts.append(f"\n![{primary} across the sweep]({p.name})\n")
     if command:

@@ -76,16 +76,18 @@ def write_run(
     info: Mapping[str, Any],
     command: str | None = None,
     key: str | None = None,
-) -> Path:
-    """metrics.json, config.yaml, run.json and report.md (+ plots), each written atomically."""
-    from iclcls.experiment.report import run_report
+) -> Path | None:
+    """metrics.json, config.yaml, run.json and report.md (+ plots), each written atomically; the
+    report's path, or None when the report failed (a warning: the results are written first)."""
+    from iclcls.experiment.report import report_safely, run_report
 
     out = Path(out_dir)
     resolved = cfg.model_dump(mode="json")
     atomic_write_json(out / METRICS, dict(metrics))
     atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     atomic_write_json(out / RUN, {"config_hash": key or config_hash(cfg), "command": command, **info})
-    return run_report(
+    return report_safely(  # the results above are written; a failed report is only a warning
+        run_report,
         out,
         name=cfg.eval.name or out.name,
         metrics=metrics,
