@@ -827,8 +827,10 @@ def _untrusted_parts(d: Path, params: Mapping[str, Any], *, lm_given: bool, embe
         if why:
             problems.append(f"lm {params['lm']!r} {why}")
     emb = params.get("embedder")
-    if not embedder_given and isinstance(emb, str) and (_looks_like_path(emb) or Path(emb).exists()):
-        problems.append(f"embedder {emb!r} is a local path (a state may name models, not load files)")
+    if not embedder_given and isinstance(emb, str):
+        why = _embedder_spec_problem(emb)
+        if why:
+            problems.append(f"embedder {emb!r} {why}")
     for key in ("shortlist", "select", "rank", "infer", "prompt"):
         spec = params.get(key)
         if isinstance(spec, Mapping):
@@ -880,6 +882,20 @@ def _option_problems(options: Any, where: str) -> list[str]:
                 if value != "holdout" and not re.fullmatch(r"benchmark:[\w.-]+", value):
                     out.append(f"{here} {value!r} is a file path (a state may not read files)")
             elif isinstance(value, str):
+def _embedder_spec_problem(spec: str) -> str | None:
+    """Why an embedder spec from a state is not safe to follow, or None for a known offline
+    name: an allow-list, like the LM's (``st:../models``, ``clip:./x`` and Hub names need trust)."""
+    from iclcls.embed import is_known_embedder
+
+    if is_known_embedder(spec):
+        return None
+    model = spec.partition(":")[2] if spec.startswith(("st:", "clip:")) else spec
+    if _looks_like_path(model) or Path(model).exists():
+        return "is a local path (a state may name known models, not load files)"
+    return ("is not a known offline embedder (default, all-MiniLM-L6-v2, mpnet, pixels[:WxH[:L|RGB]]); "
+            "a state may not choose a model to download")
+
+
                 if key not in _TEXT_OPTIONS and _looks_like_path(value):
                     out.append(f"{here} {value!r} is a file path (a state may not read files)")
             else:

@@ -66,6 +66,45 @@ def topk(scores: np.ndarray, k: int, *, largest: bool = True) -> tuple[np.ndarra
     return (vals[0], idx[0]) if one else (vals, idx)
 
 
+# What a sidecar may say: faiss allocates and loops by these numbers, so a hostile or damaged
+# sidecar must not be able to ask for a gigantic graph or an endless search.
+_SIDECAR_BOUNDS: dict[str, tuple[float, float]] = {
+    "dim": (1, 65_536),
+    "ntotal": (0, 2**40),
+    "exact_threshold": (0, 2**40),
+    "hnsw_m": (2, 256),
+    "ef_search": (1, 16_384),
+    "ef_construction": (1, 4_096),
+    "compact_fraction": (0.0, 1.0),
+}
+
+
+def _sidecar_numbers(meta: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The sidecar's sizes and HNSW parameters, type- and range-checked (ValueError naming the field)."""
+    out: dict[str, Any] = {}
+    for key, (lo, hi) in _SIDECAR_BOUNDS.items():
+        value = meta[key]
+        is_float = key == "compact_fraction"
+        ok_type = isinstance(value, (int, float)) if is_float else isinstance(value, int)
+        if isinstance(value, bool) or not ok_type or not (lo <= value <= hi):
+            raise ValueError(f"{where}: {key} is {value!r}; expected {'a number' if is_float else 'an integer'} "
+                             f"in [{lo}, {hi}]")
+        out[key] = float(value) if is_float else int(value)
+    return out
+
+
+def _deleted_ids(value: Any, ntotal: int, where: Path) -> set[int]:
+    """``deleted_ids``: distinct integers, fewer than the stored vectors (else the index is empty)."""
+    if not isinstance(value, list) or len(value) > ntotal:
+        raise ValueError(f"{where}: deleted_ids must be a list of at most {ntotal} ids (ntotal)")
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 2**63 for i in value):
+        raise ValueError(f"{where}: deleted_ids must hold integers in [0, 2**63)")
+    ids = set(value)
+    if len(ids) != len(value):
+        raise ValueError(f"{where}: deleted_ids holds duplicates")
+    return ids
+
+
 class VectorIndex:
     """Nearest-neighbour index with int64 ids: add, remove, search, reconstruct, save, load."""
 
@@ -433,9 +472,10 @@ class VectorIndex:
         The faiss file is read once into memory, its size and SHA-256 checked against the
         sidecar, and only those verified bytes are parsed. ``require_checksum`` refuses a
         sidecar without them (an older or hand-made state). ``rebuild_from`` (the vectors,
-        ids 0..n-1, as a pool keeps them) rebuilds an exact (flat) index from them instead of
-        parsing the faiss bytes at all: for untrusted states, since a checksum stored beside
-        a file only proves the file was not damaged, not that whoever wrote both is benign.
+        ids 0..n-1, as a pool keeps them) rebuilds the index (flat or HNSW, as recorded, without
+        the deleted ids) from them instead of parsing the faiss bytes at all: for untrusted
+        states, since a checksum stored beside a file only proves the file was not damaged, not
+        that whoever wrote both is benign. The sidecar's numbers are range-checked either way.
         """
         index_file, meta_file = cls._paths(path)
         for f in (index_file, meta_file):
@@ -447,20 +487,23 @@ class VectorIndex:
         if meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{meta_file}: unsupported version {meta.get('version')!r}")
         try:
+            numbers = _sidecar_numbers(meta, meta_file)
             obj = cls(
-                int(meta["dim"]),
+                numbers["dim"],
                 metric=meta["metric"],
-                exact_threshold=int(meta["exact_threshold"]),
-                hnsw_m=int(meta["hnsw_m"]),
-                ef_search=int(meta["ef_search"]),
-                ef_construction=int(meta["ef_construction"]),
-                compact_fraction=float(meta["compact_fraction"]),
+                exact_threshold=numbers["exact_threshold"],
+                hnsw_m=numbers["hnsw_m"],
+                ef_search=numbers["ef_search"],
+                ef_construction=numbers["ef_construction"],
+                compact_fraction=numbers["compact_fraction"],
                 use_gpu=use_gpu,
             )
-            kind, ntotal = str(meta["kind"]), int(meta["ntotal"])
-            deleted = {int(i) for i in meta["deleted_ids"]}
+            kind, ntotal = str(meta["kind"]), numbers["ntotal"]
+            deleted = _deleted_ids(meta["deleted_ids"], ntotal, meta_file)
         except KeyError as e:
             raise ValueError(f"{meta_file}: missing field {e.args[0]!r}") from None
+        if kind not in ("flat", "hnsw"):
+            raise ValueError(f"{meta_file}: kind {kind!r} is not 'flat' or 'hnsw'")
         data = index_file.read_bytes()
         size, digest = meta.get("file_bytes"), meta.get("file_sha256")
         if size is None or digest is None:
@@ -474,11 +517,13 @@ class VectorIndex:
                 f"{index_file}: {len(data)} bytes with SHA-256 {hashlib.sha256(data).hexdigest()[:16]}..., but "
                 f"{meta_file.name} recorded {size} bytes, {str(digest)[:16]}...: the file was changed or damaged"
             )
-        if rebuild_from is not None and kind == "flat" and not deleted:
+        if rebuild_from is not None:  # untrusted: never parse the bytes, rebuild (flat or HNSW) from the vectors
             vectors = np.asarray(rebuild_from, dtype=np.float32)
             if vectors.ndim != 2 or len(vectors) != ntotal or (len(vectors) and vectors.shape[1] != obj.dim):
                 raise ValueError(f"{meta_file}: {ntotal} vectors of dim {obj.dim}, but {vectors.shape} given to rebuild from")
-            obj._build("flat", vectors, np.arange(len(vectors), dtype=np.int64))
+            ids = np.arange(len(vectors), dtype=np.int64)
+            live = ~np.isin(ids, np.fromiter(deleted, dtype=np.int64, count=len(deleted)))
+            obj._build(kind, np.ascontiguousarray(vectors[live]), ids[live])
             obj.ef_search = obj._ef_search
             return obj
         try:

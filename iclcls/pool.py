@@ -157,7 +157,7 @@ class Pool:
         if len(embeddings) != len(examples):
             raise ValueError(f"{d}: {len(examples)} examples but {len(embeddings)} embeddings")
         if (d / "index.faiss").is_file():
-            # Untrusted (require_checksum): an exact index is rebuilt from the embeddings, never parsed.
+            # Untrusted (require_checksum): the index (flat or HNSW) is rebuilt from the embeddings, never parsed.
             pool.index = VectorIndex.load(
                 d / "index.faiss", require_checksum=require_checksum,
                 rebuild_from=embeddings if require_checksum else None,

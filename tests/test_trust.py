@@ -224,3 +224,101 @@ def test_untrusted_flat_index_is_rebuilt_from_embeddings_not_parsed(state, sampl
     monkeypatch.undo()
     with pytest.raises(ValueError, match="not a faiss index"):
         ICLClassifier.load(state, trust=True)  # trusted: parsed, and the junk is caught
+
+
+# -- round 2: the embedder is an allow-list; an HNSW index is rebuilt, its sidecar bounded ----------------
+
+
+@pytest.mark.parametrize("spec", ["st:../models", "st:./x", "clip:../x", "st:/abs", "/abs/model", "clip:/m"])
+def test_embedder_paths_behind_a_prefix_are_refused(state, spec):
+    set_params(state, embedder=spec)
+    with pytest.raises(UntrustedStateError, match=rf"embedder '{spec}' is a local path"):
+        ICLClassifier.load(state)
+
+
+@pytest.mark.parametrize("spec", ["org/some-model", "clip:openai/clip-vit-base-patch32", "pixels:../x", "st:some-hub-model"])
+def test_embedder_names_not_on_the_allow_list_are_refused(state, spec):
+    set_params(state, embedder=spec)
+    with pytest.raises(UntrustedStateError, match=rf"embedder '{spec}' is not a known offline embedder"):
+        ICLClassifier.load(state)
+
+
+def test_known_embedder_names_and_an_override_load(state, sample):
+    from iclcls.embed import get_embedder, is_known_embedder
+
+    assert all(map(is_known_embedder, ["default", "st:all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "mpnet", "pixels", "pixels:8x8:RGB"]))
+    set_params(state, embedder="st:all-MiniLM-L6-v2")
+    assert ICLClassifier.load(state).predict(sample.test[:1])[0].labels
+    set_params(state, embedder="st:../models")
+    assert ICLClassifier.load(state, embedder=get_embedder("default")).predict(sample.test[:1])[0].labels
+
+
+@pytest.fixture
+def hnsw_state(sample, tmp_path):
+    clf = retriever_only(shortlist="knn_vote", shortlist_k=3).fit(sample.train, tune="none")
+    clf.pool_.index.rebuild("hnsw")
+    d = tmp_path / "hnsw"
+    clf.save(d)
+    return d, clf
+
+
+def test_untrusted_hnsw_index_is_rebuilt_from_embeddings_not_parsed(hnsw_state, sample, monkeypatch):
+    import faiss
+
+    state, clf = hnsw_state
+    meta_path = state / "pool" / "index.faiss.json"
+    assert json.loads(meta_path.read_text())["kind"] == "hnsw"
+    junk = b"IHNf" + bytes(range(256)) * 8  # a poisoned graph, with a checksum to match
+    (state / "pool" / "index.faiss").write_bytes(junk)
+    meta = json.loads(meta_path.read_text())
+    meta.update(file_bytes=len(junk), file_sha256=hashlib.sha256(junk).hexdigest())
+    meta_path.write_text(json.dumps(meta))
+    calls = []
+    monkeypatch.setattr(faiss, "deserialize_index", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    back = ICLClassifier.load(state)
+    assert not calls and back.pool_.index.kind == "hnsw" and len(back.pool_.index) == len(clf.pool_)
+    assert [p.labels for p in back.predict(sample.test[:5])] == [p.labels for p in clf.predict(sample.test[:5])]
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("hnsw_m", 10**9, r"hnsw_m is 1000000000; expected an integer in \[2, 256\]"),
+        ("hnsw_m", True, "hnsw_m is True"),
+        ("ef_search", -1, "ef_search is -1"),
+        ("ef_construction", "80", "ef_construction is '80'"),
+        ("dim", 2**31, "dim is"),
+        ("ntotal", -5, "ntotal is -5"),
+        ("compact_fraction", float("nan"), "compact_fraction is nan"),
+        ("deleted_ids", [1, 1], "deleted_ids holds duplicates"),
+        ("deleted_ids", list(range(10**4)), "deleted_ids must be a list of at most"),
+        ("deleted_ids", ["0"], "deleted_ids must hold integers"),
+        ("kind", "ivf", "kind 'ivf' is not"),
+    ],
+)
+def test_index_sidecar_numbers_are_bounded(hnsw_state, field, value, match):
+    state, _ = hnsw_state
+    meta_path = state / "pool" / "index.faiss.json"
+    meta = json.loads(meta_path.read_text())
+    meta[field] = value
+    meta_path.write_text(json.dumps(meta))
+    for trust in (False, True):
+        with pytest.raises(ValueError, match=match):
+            ICLClassifier.load(state, trust=trust)
+
+
+def test_untrusted_rebuild_leaves_out_deleted_ids(tmp_path):
+    import numpy as np
+
+    from iclcls.index import VectorIndex
+
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(40, 8)).astype(np.float32)
+    idx = VectorIndex(8, exact_threshold=10)
+    idx.add(vecs)
+    assert idx.kind == "hnsw"
+    idx.remove([3, 7])
+    idx.save(tmp_path / "i")
+    back = VectorIndex.load(tmp_path / "i", require_checksum=True, rebuild_from=vecs)
+    assert back.kind == "hnsw" and sorted(back.ids.tolist()) == sorted(set(range(40)) - {3, 7})
+    assert back.search(vecs[5], 1)[1][0, 0] == 5 and 3 not in back.search(vecs[3], 5)[1][0]

