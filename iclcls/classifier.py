@@ -857,6 +857,20 @@ def _lm_spec_problem(spec: str) -> str | None:
     return f"is not a registry model name ({', '.join(sorted(OFFLINE_MODELS))})"
 
 
+def _embedder_spec_problem(spec: str) -> str | None:
+    """Why an embedder spec from a state is not safe to follow, or None for a known offline
+    name: an allow-list, like the LM's (``st:../models``, ``clip:./x`` and Hub names need trust)."""
+    from iclcls.embed import is_known_embedder
+
+    if is_known_embedder(spec):
+        return None
+    model = spec.partition(":")[2] if spec.startswith(("st:", "clip:")) else spec
+    if _looks_like_path(model) or Path(model).exists():
+        return "is a local path (a state may name known models, not load files)"
+    return ("is not a known offline embedder (default, all-MiniLM-L6-v2, mpnet, pixels[:WxH[:L|RGB]]); "
+            "a state may not choose a model to download")
+
+
 def _looks_like_path(text: str) -> bool:
     if not text:
         return False
@@ -882,20 +896,6 @@ def _option_problems(options: Any, where: str) -> list[str]:
                 if value != "holdout" and not re.fullmatch(r"benchmark:[\w.-]+", value):
                     out.append(f"{here} {value!r} is a file path (a state may not read files)")
             elif isinstance(value, str):
-def _embedder_spec_problem(spec: str) -> str | None:
-    """Why an embedder spec from a state is not safe to follow, or None for a known offline
-    name: an allow-list, like the LM's (``st:../models``, ``clip:./x`` and Hub names need trust)."""
-    from iclcls.embed import is_known_embedder
-
-    if is_known_embedder(spec):
-        return None
-    model = spec.partition(":")[2] if spec.startswith(("st:", "clip:")) else spec
-    if _looks_like_path(model) or Path(model).exists():
-        return "is a local path (a state may name known models, not load files)"
-    return ("is not a known offline embedder (default, all-MiniLM-L6-v2, mpnet, pixels[:WxH[:L|RGB]]); "
-            "a state may not choose a model to download")
-
-
                 if key not in _TEXT_OPTIONS and _looks_like_path(value):
                     out.append(f"{here} {value!r} is a file path (a state may not read files)")
             else:
