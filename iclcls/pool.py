@@ -86,6 +86,16 @@ class Pool:
                 else:
                     total += vec
 
+    def frozen(self) -> Pool:
+        """A read-only view of the pool as it is now, to refit a stage off-lock while additions go
+        on: examples and embeddings so far (no copy of the vectors: the buffer only grows), the
+        label space, per-label positions; no index (search finds nothing)."""
+        view = Pool(self.embedder, LabelSpace(list(self.labels), dict(self.labels.descriptions)))
+        view.examples = list(self.examples)
+        view._emb = self._emb[: len(view.examples)]
+        view._by_label = {lab: list(ix) for lab, ix in self._by_label.items()}
+        return view
+
     def indices_of(self, label: str) -> list[int]:
         return self._by_label.get(label, [])
 
@@ -109,7 +119,8 @@ class Pool:
     def means_of(self, labels: Sequence[str]) -> np.ndarray:
         """Unit-norm mean embeddings of ``labels`` (each must have examples), from running sums:
         O(labels x dim), whatever the pool's size."""
-        means = np.stack([self._sums[lab] / len(self._by_label[lab]) for lab in labels])
+        means = np.stack([self._sums[lab] / len(self._by_label[lab]) if lab in self._sums
+                          else self.embeddings[self._by_label[lab]].astype(np.float64).mean(axis=0) for lab in labels])
         means /= np.linalg.norm(means, axis=1, keepdims=True) + 1e-12
         return means.astype(np.float32)
 

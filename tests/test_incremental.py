@@ -7,6 +7,7 @@ import pytest
 
 from iclcls import Example, ICLClassifier
 from iclcls.pool import Pool
+from iclcls.types import Candidates
 from iclcls.util import GrowingArray
 
 
@@ -69,3 +70,34 @@ def test_growing_array_appends_and_sets():
     a.append(np.zeros((5, 2)))
     a.set(np.array([0]), np.array([[7, 7]]))
     assert a.view.shape == (8, 2) and a.view[0, 0] == 7 and a.view[3, 0] == 0
+
+
+def test_influence_takes_additions_at_once_and_is_refreshed_off_lock(banking, embedder):
+    train, test = banking
+    labels = sorted({ex.label for ex in train})
+    base = [ex for ex in train if ex.label in set(labels[:20])]
+    clf = ICLClassifier(lm=None, embedder=embedder, shortlist="knn_vote", shortlist_k=5, shots=4, rank="retriever",
+                        select={"name": "influence", "validation": "holdout", "restrict_to_candidates": True}, show_progress=False).fit(base, tune="none")
+    sel = clf.selector_
+    assert sel.incremental is False and not sel.stale_ and sel.fit_info_["refreshed_at"]
+    new = [ex for ex in train if ex.label == labels[20]]
+    clf.add_classes(new)
+    assert clf.selector_ is sel and sel.stale_ and sel.fit_info_["stale_examples"] == len(new)
+    new_ids = set(range(len(base), len(base) + len(new)))
+    cands = clf.shortlist_candidates([new[0].text])
+    assert labels[20] in cands[0].labels
+    only_new = [Candidates([labels[20]], np.zeros(1))]
+    assert set(sel.select(clf._queries([new[0]]), only_new, 2)[0]) <= new_ids  # the new class can be shown at once
+    swaps = []
+
+    class Lock:
+        def __enter__(self):
+            swaps.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    assert clf.refresh_stale(swap=Lock) == ["InfluenceSelector"]
+    assert swaps == [1] and clf.selector_ is not sel and not clf.selector_.stale_
+    assert clf.selector_.pool_ is clf.pool_ and set(clf.selector_.ranked_) & new_ids  # re-solved with the new class
+    assert clf.refresh_stale() == []  # nothing stale now

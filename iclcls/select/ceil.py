@@ -170,12 +170,25 @@ class CEILSelector(DPPSelector):
             "training_s": round(time.time() - t1, 2),
             "loss_first_epoch": round(losses[0], 5),
             "loss_last_epoch": round(losses[-1], 5),
+            "refreshed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "stale_examples": 0,
         }
         return self
 
+    # A trained adapter is not retrained by each addition (LM scoring of subsets, then training):
+    # ``ICLClassifier.refresh_stale`` retrains it on a schedule; until then it projects new examples.
+    incremental = False
+
     def update(self, pool: Pool, new_ids: np.ndarray) -> None:
-        """New pool examples: keep the trained adapter, re-project the pool lazily."""
+        """New pool examples: keep the trained adapter, re-project the pool lazily; a trained
+        adapter counts them as stale until the next refresh."""
         self._set_adapter(pool, self.adapter_)
+        if self.train_stats_:
+            self.train_stats_["stale_examples"] = int(self.train_stats_.get("stale_examples", 0)) + len(new_ids)
+
+    @property
+    def stale_(self) -> bool:
+        return bool(getattr(self, "train_stats_", {}).get("stale_examples"))
 
     def score_subsets(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Training data: query positions [Q], sets of pool positions [Q, m, k], LM scores [Q, m]."""

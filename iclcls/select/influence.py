@@ -21,6 +21,7 @@ warns (once per process) and is recorded in ``fit_info_["converged"]``.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -237,6 +238,8 @@ class InfluenceSelector(BaseSelector):
         self.scores_ = {int(train_rows[t]): float(scores[t]) for t in order}
         self.fit_info_ = {
             **info,
+            "refreshed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "stale_examples": 0,
             "converged": converged,
             "train": int(len(train_rows)),
             "validation": int(len(keep)),
@@ -247,9 +250,24 @@ class InfluenceSelector(BaseSelector):
         }
         return self
 
+    # Each addition does not re-solve the regression (seconds, growing with the pool): new
+    # examples join the ranking last, and ``ICLClassifier.refresh_stale`` refits on a schedule.
+    incremental = False
+
     def update(self, pool: Pool, new_ids: np.ndarray) -> None:
-        """New examples (or classes): refit, so new classes can contribute demonstrations."""
-        self.fit(pool)
+        """New examples (or classes) join the ranking at once, last (no influence known yet), so a
+        new class can contribute demonstrations; ``fit_info_["stale_examples"]`` counts them until
+        the next refresh re-solves the regression."""
+        self.pool_ = pool
+        for i in map(int, new_ids):
+            if i not in self.scores_:
+                self.ranked_.append(i)
+                self.scores_[i] = 0.0
+        self.fit_info_["stale_examples"] = int(self.fit_info_.get("stale_examples", 0)) + len(new_ids)
+
+    @property
+    def stale_(self) -> bool:
+        return bool(self.fit_info_.get("stale_examples"))
 
     def chosen(self, k: int, allowed: set[int] | None = None) -> list[int]:
         """The first k of the ranking with at most R per class (R from k and the classes present)."""
