@@ -200,12 +200,20 @@ def _missing(url: str, acked: list[str], per_class: int) -> int:
     return sum(counts.get(lab) != per_class for lab in acked)
 
 
+def _remove_store(store: Path) -> None:
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        store.with_name(store.name + suffix).unlink(missing_ok=True)
+    shutil.rmtree(store.with_name(store.name + ".snapshots"), ignore_errors=True)
+
+
 def run_one(state: Path, work: Path, *, name: str, clients: int, lm: str | None, adding: bool, batching: bool,
             duration: float, texts: list[str], adds: list, env: dict, restart_check: bool, seed: int) -> dict:
     copy = work / f"state-{name}"
+    store = work / f"store-{name}.sqlite"  # a fresh store of additions per run, outside the state
+    _remove_store(store)
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(state, copy, ignore=shutil.ignore_patterns("serve"))
-    args = ([] if batching else ["--no-batching"]) + (["--lm", lm] if lm else [])
+    args = ["--store", str(store)] + ([] if batching else ["--no-batching"]) + (["--lm", lm] if lm else [])
     log = work / f"{name}.log"
     srv = Server(copy, args, env, log)
     load_avg = os.getloadavg()[0]
@@ -222,6 +230,7 @@ def run_one(state: Path, work: Path, *, name: str, clients: int, lm: str | None,
     finally:
         srv.stop()
         shutil.rmtree(copy, ignore_errors=True)
+        _remove_store(store)
     row = {
         "clients": clients,
         "lm": lm or "none",
