@@ -36,7 +36,7 @@ from iclcls.rank.base import BaseRanker
 from iclcls.registry import Registry
 from iclcls.select import SELECTORS
 from iclcls.shortlist import SHORTLISTERS
-from iclcls.types import Example, LabelSpace, Prediction
+from iclcls.types import Example, LabelSpace, Prediction, check_text
 
 FORMAT = "iclcls-classifier"
 FORMAT_VERSION = 1
@@ -71,15 +71,17 @@ def _spec_of(spec: Any, obj: Any) -> Any:
 
 
 def as_examples(inputs: Iterable[str | Example]) -> list[Example]:
-    """Texts or Examples -> Examples, with an error that names the offending position."""
+    """Texts or Examples -> Examples, with an error that names the offending position (also
+    for text the tokenizer or a JSON writer cannot take: a lone surrogate, a NUL)."""
     out = []
     for i, x in enumerate(inputs):
         if isinstance(x, Example):
+            check_text(x.text, f"input {i}")
             out.append(x)
         elif isinstance(x, str):
             if not x.strip():
                 raise ValueError(f"input {i} is empty or whitespace: nothing to classify")
-            out.append(Example(text=x))
+            out.append(Example(text=check_text(x, f"input {i}")))
         else:
             raise TypeError(f"input {i} must be a str or Example, got {type(x).__name__}")
     return out
@@ -159,6 +161,9 @@ class ICLClassifier(BaseEstimator):
                 raise TypeError(f"fit: example {i} must be an Example, got {type(ex).__name__}")
             if not ex.labels:
                 raise ValueError(f"fit: example {i} ({ex.text[:40]!r}) has no label")
+            check_text(ex.text, f"fit: example {i}")
+            for j, lab in enumerate(ex.labels):
+                check_text(lab, f"fit: example {i} label {j}")
         space = labels if isinstance(labels, LabelSpace) else LabelSpace(labels or ())
         if labels is not None:
             for i, ex in enumerate(examples):

@@ -2,17 +2,25 @@
 
 Every file iclcls writes goes to a temporary file in the same folder and is renamed
 into place, so a crash never leaves half a file behind.
+
+JSON is written strict (RFC 8259: no bare ``NaN``/``Infinity``, which strict parsers and
+other languages refuse). A non-finite float is written as ``{"$float": "Infinity"}``
+(``"-Infinity"``, ``"NaN"``) and :func:`read_json` maps it back, so values such as a
+conformal score of infinity survive a save and load; older files with bare ``Infinity``
+still load. Where a reader outside iclcls matters more than the round trip (label rows),
+:func:`strict_json` writes them as ``null`` instead.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -80,8 +88,36 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
 
 
+FLOAT_TAG = "$float"
+_NONFINITE_NAMES = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_NONFINITE_VALUES = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def finite_json(obj: Any, *, nonfinite: Literal["tag", "null"] = "tag") -> Any:
+    """``obj`` with every non-finite float (also inside numpy arrays) replaced: by a
+    ``{"$float": name}`` tag that :func:`read_json` maps back, or by None."""
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return None if nonfinite == "null" else {FLOAT_TAG: _NONFINITE_NAMES.get(obj, "NaN")}
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {k: finite_json(v, nonfinite=nonfinite) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v, nonfinite=nonfinite) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return finite_json(obj.tolist(), nonfinite=nonfinite)
+    return obj  # left to json's default= hook
+
+
+def strict_json(obj: Any, *, nonfinite: Literal["tag", "null"] = "tag", **kwargs: Any) -> str:
+    """``json.dumps`` that never writes ``NaN``/``Infinity`` (see :func:`finite_json`)."""
+    return json.dumps(finite_json(obj, nonfinite=nonfinite), allow_nan=False, default=_default, **kwargs)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_default))
+    atomic_write_text(path, strict_json(obj, indent=2, ensure_ascii=False))
 
 
 def atomic_write_with(path: str | Path, writer: Callable[[str], None], *, suffix: str = "") -> None:
@@ -102,9 +138,16 @@ def load_npy(path: str | Path) -> np.ndarray:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_hook=_untag_float)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def _untag_float(d: dict[str, Any]) -> Any:
+    """``{"$float": "Infinity"}`` (as :func:`finite_json` writes it) -> ``inf``; other objects as they are."""
+    if len(d) == 1 and isinstance(d.get(FLOAT_TAG), str) and d[FLOAT_TAG] in _NONFINITE_VALUES:
+        return _NONFINITE_VALUES[d[FLOAT_TAG]]
+    return d
 
 
 def _default(o: Any) -> Any:

@@ -491,3 +491,34 @@ def test_lm_server_killed_mid_run_stops_the_run_and_the_rerun_labels_every_row_o
         print(f"\n[label] server killed after {len(first)} of {n} rows; the re-run labelled {n - len(first)}, none twice")
     finally:
         _kill(server)
+
+
+def test_rows_are_strict_json(tmp_path):
+    import io
+    import math
+
+    from iclcls.label.output import StdoutSink
+
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    buf = io.StringIO()
+    StdoutSink(buf).write([{"id": 0, "labels": ["a", "b"], "scores": [0.5, -math.inf], "trace": {"x": math.nan}}])
+    row = json.loads(buf.getvalue(), parse_constant=refuse)
+    assert row["scores"] == [0.5, None] and row["trace"] == {"x": None}
+
+
+def test_predict_and_fit_refuse_bad_text_naming_the_index(clf, banking):
+    from iclcls import Example
+    from iclcls.programs import retriever_only
+
+    with pytest.raises(ValueError, match=r"input 1: contains a lone surrogate '\\ud800' at character 2"):
+        clf.predict(["card lost", "ab\ud800cd"])
+    with pytest.raises(ValueError, match="input 0: contains a NUL character at character 3"):
+        clf.predict([Example("nul\x00byte")])
+    train = list(banking.train[:30])
+    with pytest.raises(ValueError, match="fit: example 2: contains a lone surrogate"):
+        retriever_only().fit(train[:2] + [Example("x\udc80y", train[2].labels)] + train[3:])
+    with pytest.raises(ValueError, match="fit: example 0 label 0: contains a NUL"):
+        retriever_only().fit([Example(train[0].text, ("lab\x00el",))] + train[1:])
+    assert clf.predict(["card lost"])[0].labels  # good text is untouched

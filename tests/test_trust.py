@@ -322,3 +322,28 @@ def test_untrusted_rebuild_leaves_out_deleted_ids(tmp_path):
     back = VectorIndex.load(tmp_path / "i", require_checksum=True, rebuild_from=vecs)
     assert back.kind == "hnsw" and sorted(back.ids.tolist()) == sorted(set(range(40)) - {3, 7})
     assert back.search(vecs[5], 1)[1][0, 0] == 5 and 3 not in back.search(vecs[3], 5)[1][0]
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_config_json_is_strict_json_and_infinities_round_trip(sample, tmp_path):
+    import math
+
+    clf = retriever_only(shortlist_k=3).fit(sample.train)
+    clf.tuned_.setdefault("conformal", {"n": 1, "kind": "single", "scores": []})["scores"].append(math.inf)  # a missed gold
+    d = tmp_path / "st"
+    clf.save(d)
+    for f in d.rglob("*.json"):
+        _strict(f.read_text())  # every JSON file of the state, not only config.json
+    back = ICLClassifier.load(d)
+    assert back.tuned_["conformal"]["scores"][-1] == math.inf and back.tuned_ == clf.tuned_
+    cfg = json.loads((d / "config.json").read_text())  # a state saved before: a bare Infinity still loads
+    cfg["tuned"]["conformal"]["scores"][-1] = math.inf
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert "Infinity" in (d / "config.json").read_text()
+    assert ICLClassifier.load(d).tuned_["conformal"]["scores"][-1] == math.inf

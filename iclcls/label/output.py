@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from iclcls.io import atomic_path, atomic_write_json, fsync_dir, read_json
+from iclcls.io import atomic_path, atomic_write_json, fsync_dir, read_json, strict_json
 from iclcls.label.readers import LabelInputError
 
 META_FORMAT = "iclcls-label"
@@ -147,7 +147,7 @@ class JsonlSink:
         if not rows:
             return
         assert self._f is not None, "open() first"
-        self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+        self._f.write("".join(row_json(r) + "\n" for r in rows).encode("utf-8"))
         _fsync(self._f)
         self.rows_written += len(rows)
 
@@ -186,11 +186,17 @@ class StdoutSink:
         self.stream = stream or sys.stdout
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        self.stream.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self.stream.write("".join(row_json(r) + "\n" for r in rows))
         self.stream.flush()
 
     def close(self) -> None:
         pass
+
+
+def row_json(row: Mapping[str, Any]) -> str:
+    """One output row as strict JSON: a non-finite score (a shortlist shorter than k) is null,
+    never a bare ``-Infinity`` that strict JSON readers refuse."""
+    return strict_json(row, nonfinite="null", ensure_ascii=False)
 
 
 def _fsync(f: IO[bytes]) -> None:
