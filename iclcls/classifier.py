@@ -8,6 +8,7 @@ JSON + numpy + faiss files (atomic, no pickle); LM weights are never saved.
 
 from __future__ import annotations
 
+import copy
 import errno
 import inspect
 import json
@@ -330,6 +331,30 @@ class ICLClassifier(BaseEstimator):
             self.pool_.labels.add(lab, desc)
         self.summaries_.update(summaries or {})
         return self.add_examples(examples, embeddings=embeddings, generate=generate)
+
+    def refresh_stale(self, *, swap: Any = None) -> list[str]:
+        """Refit the stages that additions leave stale (``incremental = False`` and ``stale_``:
+        the influence selector's regression, a trained CEIL adapter); return their names.
+
+        The refit runs on a frozen view of the pool, outside any lock, so predictions and
+        additions go on meanwhile; ``swap`` (a context-manager factory: the service's write
+        lock) guards only the short swap, which also hands the fresh stage the additions made
+        during the refit. Each stage records when it was refreshed (its ``refreshed_at``).
+        """
+        from contextlib import nullcontext
+
+        stage = self.selector_
+        if stage is None or getattr(stage, "incremental", True) or not getattr(stage, "stale_", False):
+            return []
+        n = len(self.pool_)
+        fresh = copy.copy(stage)
+        fresh.fit(self.pool_.frozen())
+        with swap() if swap is not None else nullcontext():
+            fresh.pool_ = self.pool_
+            if len(self.pool_) > n:
+                fresh.update(self.pool_, np.arange(n, len(self.pool_), dtype=np.int64))
+            self.selector_ = fresh
+        return [type(stage).__name__]
 
     def prepare_additions(self, examples: Sequence[Example]) -> tuple[list[Example], dict[str, str]]:
         """What the LM would write while adding ``examples``, computed without changing any state:
