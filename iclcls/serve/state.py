@@ -245,7 +245,7 @@ class LiveClassifier:
                 return first
             if caps:
                 self._check_caps(addition, self.view)
-            with self._rw.write():
+            with self._rw.write(), self._model_lock:  # lock order everywhere: rw, then model
                 result = self._apply_and_commit(prepared, key=key, digest=digest)
         if result.seq - self.snapshot_seq >= self.snapshot_every:
             self._snap_wanted.set()
