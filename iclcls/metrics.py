@@ -268,3 +268,37 @@ def backward_transfer(acc: Sequence[Sequence[float]]) -> float:
     if t < 2:
         return 0.0
     return float(np.mean([a[t - 1, j] - a[j, j] for j in range(t - 1)]))
+
+
+def paired_se(a: Sequence[float], b: Sequence[float]) -> float:
+    """Standard error of the mean per-example difference a - b (0 with fewer than 2 examples)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
+def one_se_choice(scores: Sequence[Sequence[float]], *, eligible: Sequence[bool] | None = None) -> tuple[int, list[dict[str, float]]]:
+    """The one-standard-error rule over candidates ordered simplest first.
+
+    ``scores[i]`` holds candidate i's per-example scores (the same examples for all). The
+    best is the eligible candidate with the highest mean; the pick is the simplest eligible
+    candidate whose mean is within one SE of the best's, the SE of their paired per-example
+    difference. So a richer candidate wins only when it beats every simpler one beyond noise,
+    which is what keeps a choice made on a few dozen examples from shipping noise.
+    Returns (pick, per-candidate rows: mean, se, gap to the best, se of that gap, eligible).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or not s.shape[0] or not s.shape[1]:
+        raise ValueError("one_se_choice needs at least one candidate with at least one score")
+    ok = [True] * len(s) if eligible is None else [bool(e) for e in eligible]
+    if len(ok) != len(s) or not any(ok):
+        raise ValueError("eligible must flag each candidate, at least one of them True")
+    means = s.mean(axis=1)
+    best = max((i for i in range(len(s)) if ok[i]), key=lambda i: (means[i], -i))  # ties: the simpler
+    rows, pick = [], None
+    for i in range(len(s)):
+        gap, se_gap = float(means[best] - means[i]), paired_se(s[best], s[i])
+        own_se = float(s[i].std(ddof=1) / math.sqrt(s.shape[1])) if s.shape[1] > 1 else 0.0
+        rows.append({"mean": float(means[i]), "se": own_se, "gap_to_best": gap, "se_of_gap": se_gap, "eligible": ok[i]})
+        if pick is None and ok[i] and gap <= se_gap + 1e-12:
+            pick = i
+    return int(best if pick is None else pick), rows

@@ -13,8 +13,10 @@ from scripted_lm import ScriptedLM  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from iclcls.cli import app  # noqa: E402
-from iclcls.dspy import IReRa, Rank, dspy_lm, served_lm  # noqa: E402
+from iclcls.dspy import Infer, IReRa, Rank, dspy_lm, served_lm  # noqa: E402
 from iclcls.dspy.lm import GuidedDecoder  # noqa: E402
+from iclcls.metrics import one_se_choice  # noqa: E402
+from iclcls.rank.fusion import fuse_rankings  # noqa: E402
 
 SAMPLE_LABELS = ["card_lost", "refund_request", "change_address", "cancel_subscription", "track_order", "reset_password", "billing_error", "speak_to_agent"]
 
@@ -88,6 +90,92 @@ def test_unparseable_rank_answer_is_counted_and_falls_back_to_retrieval_order():
     assert stats.counts["rank"]["unparsed"] == 1
 
 
+# -- honest compiling: the one-SE rule, rank fusion, the decision in the saved program ------------
+
+
+def test_one_se_rule_keeps_the_simpler_candidate_unless_a_richer_one_is_better_beyond_noise():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    simple = rng.uniform(0, 1, 60)
+    noisy_gain = simple + np.tile([0.32, -0.28], 30)  # +0.02 on average, SE of the difference 0.04
+    assert noisy_gain.mean() > simple.mean()
+    pick, rows = one_se_choice([simple, noisy_gain])
+    assert pick == 0 and rows[0]["gap_to_best"] <= rows[0]["se_of_gap"]
+    clear_gain = simple + 0.1 + rng.normal(0, 0.05, 60)  # better on nearly every example
+    pick, rows = one_se_choice([simple, noisy_gain, clear_gain])
+    assert pick == 2 and rows[0]["gap_to_best"] > rows[0]["se_of_gap"]
+    # an ineligible candidate is never the pick, even when it is best
+    assert one_se_choice([simple, clear_gain], eligible=[True, False])[0] == 0
+    # ties go to the simpler candidate
+    assert one_se_choice([simple, simple.copy()])[0] == 0
+
+
+def test_rank_fusion_at_weight_zero_is_the_retriever_list_and_keeps_every_label():
+    text, guesses = ["a", "b", "c"], ["x", "c", "y"]
+    assert fuse_rankings(text, guesses, 0.0) == ["a", "b", "c", "x", "y"]
+    assert fuse_rankings(text, guesses, 1.0) == ["x", "c", "y", "a", "b"]
+    mid = fuse_rankings(text, guesses, 0.5)
+    assert set(mid) == {"a", "b", "c", "x", "y"} and mid[0] == "c"  # in both lists: first
+    with pytest.raises(ValueError):
+        fuse_rankings(text, guesses, 1.5)
+
+
+def _scripted_program(sample_retriever, *, guess: str = "weather forecast for the weekend"):
+    """IReRa on the sample intents with a scripted LM: Infer writes ``guess`` whatever the
+    text; Rank's likelihoods prefer the shortest label (control flow only, not a model)."""
+    lm = dspy_lm(ScriptedLM(answers=[guess + '"']))
+    program = IReRa(sample_retriever, infer=Infer(), rank=Rank(max_labels=3), retrieve_k=6, infer_lm=lm, rank_lm=lm)
+    return program, lm
+
+
+def test_compiler_turns_off_useless_steps_and_the_saved_program_keeps_the_decision(sample, sample_retriever, tmp_path):
+    from iclcls.dspy.compile import ProgramOptions, load_compiled, save_compiled
+    from iclcls.dspy.select import HonestCompiler
+
+    program, lm = _scripted_program(sample_retriever)
+    compiler = HonestCompiler(program, sample.train[:24], demo_counts=[0], weight_grid=[0, 0.5, 1], metric_k=1, threads=4)
+    with dspy.context(adapter=dspy.JSONAdapter()):
+        chosen, decision = compiler.compile()
+    assert decision["weights"] == {"infer": 0.0, "rank": 0.0}, decision["why"]
+    assert (chosen.infer_weight, chosen.rank_weight) == (0.0, 0.0)
+    cand = decision["candidates"][0]
+    assert decision["pick"] == "zero-shot" and decision["n"] == 24 and "Infer off" in decision["why"]
+    curve = cand["weight_curves"]["infer"]
+    assert curve["grid"] == [0.0, 0.5, 1.0] and curve["rp@1"][0] >= max(curve["rp@1"][1:]) - 1e-9
+    assert set(cand["rp@1"]) == {"mean", "se", "ci95"} and cand["rp@1"]["ci95"][0] <= cand["rp@1"]["mean"] <= cand["rp@1"]["ci95"][1]
+
+    # weight 0 turns a step off: the compiled program is its retriever and calls no LM
+    calls = lm.engine.calls
+    out = chosen(text=sample.test[0].text)
+    assert lm.engine.calls == calls and out.guesses == [] and out.lm_labels == []
+    assert out.ranking == chosen.retrieve.lists(sample.test[0].text)[0]
+
+    opts = ProgramOptions.model_validate({
+        "retrieve": {"shortlist": {"name": "knn_vote", "neighbors": 20}, "k": 6},
+        "rank": {"max_labels": 3},
+        "optimizer": {"name": "one_se", "demo_counts": [0]},
+    })
+    folder = save_compiled(chosen, opts, tmp_path / "prog", info={"report": {"decision": decision}})
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["decision"]["pick"] == "zero-shot" and saved["weights"] == {"infer": 0.0, "rank": 0.0}
+    loaded = load_compiled(folder, attach=False, retriever=sample_retriever)
+    assert loaded.decision == json.loads(json.dumps(decision)) and (loaded.infer_weight, loaded.rank_weight) == (0.0, 0.0)
+    assert not loaded.uses_infer and not loaded.uses_rank
+
+
+def test_infer_fusion_keeps_every_candidate_of_the_sentence(sample_retriever, sample):
+    program, _ = _scripted_program(sample_retriever)
+    text = sample.test[0].text
+    from_text, from_guesses = program.retrieve.lists(text, ["weather forecast"])
+    for w in (0.25, 1.0):
+        program.set_weights(infer=w, rank=0.0)
+        out = program(text=text)
+        assert set(from_text) <= set(out.candidates) and set(from_guesses) <= set(out.candidates)
+    with pytest.raises(ValueError):
+        program.set_weights(rank=2.0)
+
+
 # -- the real embedded model ---------------------------------------------------------------------
 
 
@@ -119,6 +207,32 @@ def test_constrained_rank_outputs_are_always_candidate_labels(smol_dspy, sample,
     s = program.stats.summary()
     assert s["rank"]["unparsed_share"] == 0.0 and s["rank"]["dropped"] == 0
     assert s["rank"]["lm_calls_per_input"] == 1.0
+
+
+def test_coalesced_generations_from_threads_equal_one_at_a_time(smollm):
+    """Threads' generations are batched into one call, with the answers of separate calls."""
+    from iclcls.dspy.lm import coalescing
+    from iclcls.dspy.modules import map_threads
+
+    lm = coalescing(smollm)
+    assert coalescing(smollm) is lm and lm.tokenizer is smollm.tokenizer
+    prompts = ["Skills: Python, SQL and", "The capital of France is", "Refund my order because"]
+    alone = [smollm.generate([p], max_tokens=6, temperature=0.0, stop=["\n"])[0] for p in prompts]
+    lm.batches.clear()
+    together = map_threads(lambda p: lm.generate([p], max_tokens=6, temperature=0.0, stop=["\n"])[0], prompts, threads=3)
+    assert together == alone and sum(lm.batches) == 3 and max(lm.batches) >= 2
+
+
+def test_honest_compile_runs_on_the_real_smollm2(smol_dspy, sample, sample_retriever):
+    """A short real run of the compiler's control flow: zero-shot only, 6 sentences."""
+    from iclcls.dspy.select import HonestCompiler
+
+    program = IReRa(sample_retriever, infer=Infer(max_guesses=3), rank=Rank(max_labels=3), retrieve_k=6, infer_lm=smol_dspy, rank_lm=smol_dspy)
+    with dspy.context(adapter=dspy.JSONAdapter()):
+        chosen, decision = HonestCompiler(program, sample.train[:6], demo_counts=[0], weight_grid=[0, 1], threads=3).compile()
+    assert decision["candidates"][0]["unparsed"] == 0
+    assert set(decision["weights"]) == {"infer", "rank"} and all(w in (0.0, 1.0) for w in decision["weights"].values())
+    assert program.stats.counts["infer"]["lm_calls"] == 6 and program.stats.counts["rank"]["lm_calls"] == 6
 
 
 # -- compile, save, load -----------------------------------------------------------------------------
@@ -156,6 +270,7 @@ def test_tiny_program_compiles_saves_and_reloads_with_identical_predictions(smol
     lms = LMPool(backends={"smollm2": smollm})
     compiled, report = compile_program(cfg, lms=lms, log=lambda m: None)
     assert [c["seed"] for c in report["candidates"]] == [-1] and report["train"] == 2 and report["val"] == 2
+    assert report["weights"] == {"infer": 0.5, "rank": 0.5}  # the configured weights: this optimizer does not pick them
     assert report["lm_calls"]["infer"] > 0 and report["lm_calls"]["rank"] > 0
     demos = {name: len(p.demos) for name, p in compiled.named_predictors()}
     assert demos == {"infer.predict": demos["infer.predict"], "rank.predict": demos["rank.predict"]}

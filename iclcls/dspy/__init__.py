@@ -2,15 +2,19 @@
 
 ``IReRa`` (with ``Infer``, ``Retrieve``, ``Rank``) is a ``dspy.Module``; ``dspy_lm`` serves
 it from any iclcls LM backend, ``served_lm`` from a vLLM server with guided JSON; the
-``compile`` module compiles, saves and loads it (DSPy JSON state, no pickle). Importing this
-package imports DSPy; ``import iclcls`` does not.
+``compile`` module compiles, saves and loads it (DSPy JSON state, no pickle), by default with
+``select.HonestCompiler`` (the one-SE rule: the program is never worse than its retriever
+beyond noise). Importing this package imports DSPy; ``import iclcls`` does not.
 """
 
-from iclcls.dspy.lm import GuidedDecoder, IclclsEngine, dspy_lm, served_lm
-from iclcls.dspy.modules import Infer, IReRa, Rank, Retrieve, StepStats, as_dspy_examples, rp_at_k_metric
+from iclcls.dspy.lm import CoalescingLM, GuidedDecoder, IclclsEngine, dspy_lm, served_lm
+from iclcls.dspy.modules import Infer, IReRa, Rank, Retrieve, StepStats, as_dspy_examples, map_threads, rp_at_k_metric
+from iclcls.dspy.select import HonestCompiler
 
 __all__ = [
+    "CoalescingLM",
     "GuidedDecoder",
+    "HonestCompiler",
     "IReRa",
     "IclclsEngine",
     "Infer",
@@ -19,6 +23,7 @@ __all__ = [
     "StepStats",
     "as_dspy_examples",
     "dspy_lm",
+    "map_threads",
     "rp_at_k_metric",
     "served_lm",
 ]

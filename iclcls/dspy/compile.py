@@ -30,7 +30,7 @@ from iclcls.config import DataConfig, load_yaml, parse
 from iclcls.io import atomic_write_json, read_json
 
 FORMAT = "iclcls-dspy-irera"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fusion weights and the compile decision in config.json
 
 
 class RetrieveOptions(BaseModel):
@@ -54,17 +54,32 @@ class StepOptions(BaseModel):
 
 class InferOptions(StepOptions):
     max_guesses: int = Field(default=8, ge=1)
+    weight: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="fusion weight of the guesses' candidates against the sentence's (0: Infer off); compiling picks it",
+    )
 
 
 class RankOptions(StepOptions):
     rank_k: int | None = Field(default=None, ge=1, description="candidates shown to the LM (default: all retrieved)")
     max_labels: int = Field(default=10, ge=1)
     constrain: bool = True
+    weight: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="fusion weight of the LM's picks against retrieval order (0: Rank off); compiling picks it"
+    )
 
 
 class OptimizerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: Literal["bootstrap_random_search", "mipro_light", "none"] = "bootstrap_random_search"
+    name: Literal["one_se", "bootstrap_random_search", "mipro_light", "none"] = Field(
+        default="one_se",
+        description="one_se: zero-shot, then more demonstrations, and the fusion weights, each kept only when "
+        "better beyond one standard error on all compile examples (iclcls.dspy.select)",
+    )
+    demo_counts: list[int] = Field(default_factory=lambda: [0, 1, 2], description="one_se: demonstrations per step of each candidate")
+    folds: int = Field(default=3, ge=1, description="one_se: cross-fitting folds (demonstrations never from the scored fold)")
+    weight_grid: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="one_se: fusion weights tried")
+    threads: int = Field(default=8, ge=1, description="one_se: sentences in flight (their generations are batched)")
     max_bootstrapped_demos: int = Field(default=2, ge=0)
     max_labeled_demos: int = Field(default=0, ge=0)
     num_candidate_programs: int = Field(default=10, ge=1)
@@ -181,7 +196,7 @@ def build_program(opts: ProgramOptions, retriever: Any, *, lms: LMPool | None = 
             constrain=opts.rank.constrain,
             chain_of_thought=opts.rank.chain_of_thought,
         )
-    program = IReRa(retriever, infer=infer, rank=rank, retrieve_k=opts.retrieve.k)
+    program = IReRa(retriever, infer=infer, rank=rank, retrieve_k=opts.retrieve.k, infer_weight=opts.infer.weight, rank_weight=opts.rank.weight)
     if lms is not None:
         attach_lms(program, opts, lms, cache=cache)
     return program
@@ -195,10 +210,19 @@ def attach_lms(program: Any, opts: ProgramOptions, lms: LMPool, *, cache: bool =
 
 
 def compile_split(validation: Sequence[Any], opt: OptimizerOptions, *, fallback: Sequence[Any] = ()) -> tuple[list[Any], list[Any]]:
-    """Seeded train/val parts of the labelled validation examples (the compile data); a
-    benchmark without a validation split uses ``fallback`` (its train split) instead."""
+    """The compile data from the labelled validation examples; a benchmark without a
+    validation split uses ``fallback`` (its train split) instead.
+
+    ``one_se``: (all of them, capped at ``val_size``; []): it cross-fits over them itself.
+    Otherwise seeded train/val parts (``train_size``/``val_size``, default halves).
+    """
     pool = [ex for ex in validation if ex.labels] or [ex for ex in fallback if ex.labels]
     random.Random(opt.seed).shuffle(pool)
+    if opt.name == "one_se":
+        pool = pool[: opt.val_size] if opt.val_size else pool
+        if len(pool) < 2:
+            raise ValueError(f"compiling needs at least 2 labelled examples; got {len(pool)}")
+        return pool, []
     n_train = opt.train_size or max(1, len(pool) // 2)
     n_val = opt.val_size or max(1, len(pool) - n_train)
     train, val = pool[:n_train], pool[n_train : n_train + n_val]
@@ -207,7 +231,9 @@ def compile_split(validation: Sequence[Any], opt: OptimizerOptions, *, fallback:
     return train, val
 
 
-def optimize(program: Any, opt: OptimizerOptions, train: Sequence[Any], val: Sequence[Any], *, task_lm: Any = None) -> tuple[Any, dict[str, Any]]:
+def optimize(
+    program: Any, opt: OptimizerOptions, train: Sequence[Any], val: Sequence[Any], *, task_lm: Any = None, log: Any = lambda m: None
+) -> tuple[Any, dict[str, Any]]:
     """Compile ``program`` with the configured optimizer; returns it and a JSON-able report."""
     import dspy
 
@@ -221,6 +247,21 @@ def optimize(program: Any, opt: OptimizerOptions, train: Sequence[Any], val: Seq
     with dspy.context(lm=task_lm, adapter=dspy.JSONAdapter()):
         if opt.name == "none":
             compiled = program
+        elif opt.name == "one_se":
+            from iclcls.dspy.select import HonestCompiler
+
+            compiler = HonestCompiler(
+                program,
+                [*train, *val],
+                demo_counts=opt.demo_counts,
+                folds=opt.folds,
+                weight_grid=opt.weight_grid,
+                metric_k=opt.metric_k,
+                threads=opt.threads,
+                seed=opt.seed,
+                log=log,
+            )
+            compiled, report["decision"] = compiler.compile()
         elif opt.name == "bootstrap_random_search":
             from dspy.teleprompt import BootstrapFewShotWithRandomSearch
 
@@ -260,6 +301,7 @@ def optimize(program: Any, opt: OptimizerOptions, train: Sequence[Any], val: Seq
     report["seconds"] = round(time.time() - t0, 1)
     report["lm_calls"] = {s: c["lm_calls"] for s, c in program.stats.counts.items()}
     report["demos"] = {name: len(p.demos) for name, p in compiled.named_predictors()}
+    report["weights"] = {"infer": compiled.infer_weight, "rank": compiled.rank_weight}
     return compiled, report
 
 
@@ -278,7 +320,15 @@ def save_compiled(program: Any, opts: ProgramOptions, directory: str | Path, *, 
         program.retrieve.retriever.save(tmp / "retriever")
         atomic_write_json(
             tmp / "config.json",
-            {"format": FORMAT, "version": FORMAT_VERSION, "dspy_version": dspy.__version__, "options": opts.model_dump(), "info": dict(info or {})},
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "dspy_version": dspy.__version__,
+                "options": opts.model_dump(),
+                "weights": {"infer": program.infer_weight, "rank": program.rank_weight},
+                "decision": decision_of(info),
+                "info": dict(info or {}),
+            },
         )
         old = None
         if target.exists():
@@ -291,6 +341,12 @@ def save_compiled(program: Any, opts: ProgramOptions, directory: str | Path, *, 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def decision_of(info: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The compiler's decision record (``one_se``), if the report holds one."""
+    report = (info or {}).get("report") or {}
+    return report.get("decision") if isinstance(report, Mapping) else None
 
 
 def read_compiled_config(directory: str | Path) -> dict[str, Any]:
@@ -314,11 +370,14 @@ def load_compiled(
     lms: LMPool | None = None,
     attach: bool = True,
     trust: bool = False,
+    retriever: Any = None,
 ) -> Any:
     """Rebuild a compiled program: skeleton from config.json, retriever, then DSPy's JSON state.
 
     ``infer_lm``/``rank_lm`` (``dspy.BaseLM``) override the saved specs; ``attach=False``
     loads no LM. A saved ``served:`` spec names an endpoint and is used only with ``trust``.
+    ``retriever``: an already fitted retriever to use instead of the saved one (a caller that
+    just saved it; the label retriever re-embeds every label when loaded).
     """
     from iclcls.classifier import ICLClassifier
 
@@ -328,11 +387,18 @@ def load_compiled(
         opts = ProgramOptions.model_validate(cfg["options"])
     except Exception as e:
         raise ValueError(f"{d / 'config.json'}: invalid options: {e}") from None
-    retriever = ICLClassifier.load(d / "retriever", trust=trust)
+    if retriever is None:
+        retriever = ICLClassifier.load(d / "retriever", trust=trust)
     program = build_program(opts, retriever)
     if not (d / "program.json").is_file():
         raise FileNotFoundError(f"{d}: program.json is missing")
     program.load(str(d / "program.json"))
+    weights = cfg.get("weights") or {}
+    try:
+        program.set_weights(infer=weights.get("infer"), rank=weights.get("rank"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{d / 'config.json'}: invalid weights: {e}") from None
+    program.decision = cfg.get("decision")  # plain attributes: not DSPy state
     if attach:
         for step, given in (("infer", infer_lm), ("rank", rank_lm)):
             spec = getattr(opts, step).lm
@@ -358,11 +424,11 @@ def compile_program(cfg: CompileConfig, *, lms: LMPool | None = None, log: Any =
     splits = load_splits(cfg.data)
     train, val = compile_split(splits.validation, opts.optimizer, fallback=splits.train)
     source = "validation" if any(ex.labels for ex in splits.validation) else "train"
-    log(f"data: {splits.name}; compiling on {len(train)} train / {len(val)} val examples from the {source} split")
+    log(f"data: {splits.name}; compiling on {len(train) + len(val)} examples from the {source} split")
     retriever = fit_retriever(opts.retrieve, splits.train, splits.labels, priors=splits.priors)
     program = build_program(opts, retriever, lms=lms or LMPool(), cache=opts.optimizer.cache)
     task_lm = program.rank._lm.value if program.rank is not None else (program.infer._lm.value if program.infer is not None else None)
-    compiled, report = optimize(program, opts.optimizer, train, val, task_lm=task_lm)
+    compiled, report = optimize(program, opts.optimizer, train, val, task_lm=task_lm, log=log)
     report["benchmark"] = splits.name
     report["compile_split"] = source
     return compiled, report
@@ -383,7 +449,9 @@ def compile_from_config(
     target = Path(out or cfg.classifier.compiled or "runs/dspy_program")
     compiled, report = compile_program(cfg, lms=lms, log=log)
     save_compiled(compiled, cfg.classifier.dspy, target, info={"report": report})
-    log(f"compiled in {report['seconds']} s; demos {report['demos']}; saved to {target}")
+    log(f"compiled in {report['seconds']} s; demos {report['demos']}; weights {report['weights']}; saved to {target}")
+    if report.get("decision"):
+        log(f"decision: {report['decision']['why']}")
     return {"out": str(target), **report}
 
 

@@ -150,9 +150,12 @@ class Infer(dspy.Module):
 class Retrieve(dspy.Module):
     """A fitted iclcls retriever (an ``ICLClassifier`` with ``rank='retriever'``) as a DSPy step.
 
-    Uses the classifier's embedder and shortlister: the query is the text's embedding plus
-    the guesses' embeddings (the label retriever takes the best cosine over all of them;
-    kNN vote and ECL use the text).
+    Infer can only add: the candidates retrieved from the sentence itself are one ranked list,
+    those retrieved from Infer's guesses another (each guess a query, a label's score its best
+    over the guesses), and the two are merged by weighted reciprocal-rank fusion
+    (:func:`iclcls.rank.fusion.fuse_rankings`). Every candidate of the sentence stays in the
+    merged list, and at ``weight = 0`` the list is the sentence's own, so an LM whose guesses do
+    not help (the compiler then picks 0) cannot cost recall.
     """
 
     def __init__(self, retriever: Any, *, k: int = 50, stats: StepStats | None = None) -> None:
@@ -167,15 +170,28 @@ class Retrieve(dspy.Module):
     def retriever(self) -> Any:
         return self._retriever.value
 
-    def forward(self, text: str, guesses: Sequence[str] = ()) -> dspy.Prediction:
+    def lists(self, text: str, guesses: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+        """(candidates from the sentence, candidates from the guesses), each best first."""
         clf = self.retriever
-        guesses = [g for g in guesses if g.strip()]
+        guesses = [g for g in dict.fromkeys(g.strip() for g in guesses) if g]
         vecs = clf.embedder_.encode([text, *guesses])
-        q = Query(Example(text), vecs[0], tuple(guesses), vecs[1:] if guesses else None)
-        cands = clf.shortlister_.shortlist([q], self.k)[0]
+        queries = [Query(Example(t), v) for t, v in zip([text, *guesses], vecs)]
+        found = clf.shortlister_.shortlist(queries, self.k)
+        best: dict[str, float] = {}
+        for cands in found[1:]:
+            for lab, score in zip(cands.labels, cands.scores):
+                best[lab] = max(best.get(lab, -np.inf), float(score))
+        from_guesses = sorted(best, key=lambda lab: -best[lab])[: self.k]
+        return list(found[0].labels), from_guesses
+
+    def forward(self, text: str, guesses: Sequence[str] = (), weight: float = 0.5) -> dspy.Prediction:
+        from iclcls.rank.fusion import fuse_rankings
+
+        from_text, from_guesses = self.lists(text, guesses)
+        candidates = fuse_rankings(from_text, from_guesses, weight) if from_guesses and weight > 0 else from_text
         if self._stats.value is not None:
             self._stats.value.add("retrieve", inputs=1)
-        return dspy.Prediction(candidates=list(cands.labels), scores=[float(s) for s in cands.scores])
+        return dspy.Prediction(candidates=candidates, from_text=from_text, from_guesses=from_guesses)
 
 
 class Rank(dspy.Module):
@@ -295,7 +311,13 @@ def _label_index(labels: Sequence[str]) -> tuple[set[str], dict[str, str]]:
 class IReRa(dspy.Module):
     """Infer -> Retrieve -> Rank. ``infer=None`` retrieves from the text alone; ``rank=None``
     returns retrieval order. ``forward(text)`` returns ``ranking`` (labels, best first),
-    ``candidates`` and ``guesses``; ``stats`` counts LM calls and unparsed outputs per step."""
+    ``candidates`` and ``guesses``; ``stats`` counts LM calls and unparsed outputs per step.
+
+    Each LM step is merged with what the retriever already has by rank fusion:
+    ``infer_weight`` for the guesses' candidates against the sentence's, ``rank_weight`` for
+    the LM's picks against retrieval order. A weight of 0 turns the step off (no LM call), so
+    a compiled program whose LM does not help is its retriever, at its cost.
+    """
 
     def __init__(
         self,
@@ -306,12 +328,16 @@ class IReRa(dspy.Module):
         retrieve_k: int = 50,
         infer_lm: Any = None,
         rank_lm: Any = None,
+        infer_weight: float = 0.5,
+        rank_weight: float = 0.5,
     ) -> None:
         super().__init__()
         self._stats = Shared(StepStats())
         self.infer = infer
         self.retrieve = Retrieve(retriever, k=retrieve_k, stats=self.stats)
         self.rank = rank
+        self.infer_weight = float(infer_weight)
+        self.rank_weight = float(rank_weight)
         for step in (infer, rank):
             if step is not None:
                 step._stats.value = self.stats
@@ -331,21 +357,56 @@ class IReRa(dspy.Module):
             self.rank._lm.value = rank
         return self
 
+    def set_weights(self, *, infer: float | None = None, rank: float | None = None) -> IReRa:
+        """Fusion weights in [0, 1] (None keeps the current one)."""
+        for name, w in (("infer_weight", infer), ("rank_weight", rank)):
+            if w is not None:
+                if not 0.0 <= float(w) <= 1.0:
+                    raise ValueError(f"{name} must be in [0, 1], got {w}")
+                setattr(self, name, float(w))
+        return self
+
+    @property
+    def uses_infer(self) -> bool:
+        return self.infer is not None and self.infer_weight > 0
+
+    @property
+    def uses_rank(self) -> bool:
+        return self.rank is not None and self.rank_weight > 0
+
     def forward(self, text: str) -> dspy.Prediction:
-        guesses = self.infer(text=text).guesses if self.infer is not None else []
-        retrieved = self.retrieve(text=text, guesses=guesses)
-        if self.rank is not None:
-            ranked = self.rank(text=text, candidates=retrieved.candidates)
-            labels, lm_labels = ranked.ranking, ranked.lm_labels
-        else:
-            labels, lm_labels = list(retrieved.candidates), []
+        from iclcls.rank.fusion import fuse_rankings
+
+        guesses = self.infer(text=text).guesses if self.uses_infer else []
+        retrieved = self.retrieve(text=text, guesses=guesses, weight=self.infer_weight)
+        candidates = list(retrieved.candidates)
+        lm_labels: list[str] = []
+        labels = candidates
+        if self.uses_rank:
+            lm_labels = list(self.rank(text=text, candidates=candidates).lm_labels)
+            labels = fuse_rankings(candidates, lm_labels, self.rank_weight)
         return dspy.Prediction(
             ranking=labels,
             lm_labels=lm_labels,
-            candidates=list(retrieved.candidates),
-            candidate_scores=retrieved.scores,
+            candidates=candidates,
+            candidate_scores=list(scores_for(candidates)),
             guesses=list(guesses),
         )
+
+
+def map_threads(fn: Any, items: Sequence[Any], *, threads: int = 1) -> list[Any]:
+    """``[fn(x) for x in items]`` on ``threads`` threads, in order, each with the caller's DSPy
+    context. Concurrent LM steps then reach the model together, and a coalescing backend
+    (:class:`iclcls.dspy.lm.CoalescingLM`) serves their generations as one batch."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, fn, x) for x in items]
+        return [f.result() for f in futures]
 
 
 def as_dspy_examples(examples: Sequence[Example]) -> list[dspy.Example]:

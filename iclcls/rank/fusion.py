@@ -91,3 +91,27 @@ class FusionRanker(BaseRanker):
 
     def tuned_state(self) -> dict[str, Any]:
         return {"weight": self.weight}
+
+
+def fuse_rankings(primary: Sequence[str], secondary: Sequence[str], weight: float, *, c: float = 60.0) -> list[str]:
+    """Weighted reciprocal-rank fusion of two ranked label lists; every label of either is kept.
+
+    score = (1 - w) / (c + rank in primary) + w / (c + rank in secondary), 0 where a list lacks
+    the label. At w = 0 the result is ``primary`` exactly, then the labels only ``secondary``
+    has, in its order (ties go to the secondary rank): so the retriever's list is what a weight
+    of 0 returns, and a tuned weight can only move labels when the other list earns it.
+    """
+    w = float(weight)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"fusion weight must be in [0, 1], got {w}")
+    first = {lab: i for i, lab in enumerate(dict.fromkeys(primary))}
+    second = {lab: i for i, lab in enumerate(dict.fromkeys(secondary))}
+    labels = list(dict.fromkeys([*first, *second]))
+    far = len(labels) + 1  # a missing rank sorts after every present one
+
+    def key(lab: str) -> tuple[float, int, int]:
+        a, b = first.get(lab), second.get(lab)
+        score = (1.0 - w) * (0.0 if a is None else 1.0 / (c + a + 1)) + w * (0.0 if b is None else 1.0 / (c + b + 1))
+        return (-score, far if a is None else a, far if b is None else b) if w < 1.0 else (-score, far if b is None else b, far if a is None else a)
+
+    return sorted(labels, key=key)
