@@ -58,15 +58,19 @@ _PIXELS_SPEC = re.compile(r"pixels(:\d{1,4}x\d{1,4}(:(L|RGB))?)?")
 
 def is_known_embedder(spec: str | None) -> bool:
     """Whether ``spec`` names an embedder this package resolves without a file path or the
-    network: the offline default (all-MiniLM-L6-v2), mpnet (installed opt-in), raw pixels.
+    network: the offline default (all-MiniLM-L6-v2), mpnet (installed opt-in), raw pixels,
+    and those two models on any CPU backend (``minilm@onnx-int8``, ``mpnet@static``, ...).
     A saved state that names anything else needs trust (it would load or fetch a model)."""
     if spec is None:
         return True
     from iclcls.embed import mpnet
 
+    from iclcls.embed.specs import is_offline_name
+
     names = (_DEFAULT_ALIASES - {None}) | mpnet.ALIASES
     name = spec[3:] if spec.startswith("st:") else spec
-    return name in names or bool(_PIXELS_SPEC.fullmatch(spec))
+    # "minilm@onnx-int8" and co: an offline model on a backend whose export iclcls makes itself
+    return name in names or is_offline_name(name) or bool(_PIXELS_SPEC.fullmatch(spec))
 
 
 @functools.lru_cache(maxsize=None)

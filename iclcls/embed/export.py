@@ -72,7 +72,8 @@ def ensure_export(source: SourceModel, backend: str, *, calibration: list[str] |
     try:
         started = time.perf_counter()
         _BUILDERS[backend](source, base, staging, calibration)
-        shutil.copy2(source.path / "tokenizer.json", staging / "tokenizer.json")
+        if not (staging / "tokenizer.json").exists():  # model2vec writes its own (pruned) tokenizer
+            shutil.copy2(source.path / "tokenizer.json", staging / "tokenizer.json")
         manifest = {
             "backend": backend, "recipe": RECIPE, "source_digest": source.digest, "source": str(source.path),
             "pooling": source.pooling, "max_seq_length": source.max_seq_length, "dim": STATIC_DIMS if backend == "static" else source.dim,

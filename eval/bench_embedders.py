@@ -1,0 +1,247 @@
+"""Embedders on a CPU: speed against accuracy, per model and backend (which embedder for which job).
+
+    .venv/bin/python eval/bench_embedders.py                       # accuracy, then speed
+    .venv/bin/python eval/bench_embedders.py --part accuracy       # any time: results do not depend on load
+    .venv/bin/python eval/bench_embedders.py --part speed --wait-load 1.5 --wait-max 1200
+
+Writes eval/results/bench_embedders.json: one row per embedder spec, the two parts merged
+into the rows already there. Per row:
+
+- ``sentences_per_s``: batches of 64 (sorted by length inside each embedder), 1,024 unique
+  BANKING77 training texts, median of 3 passes; ``sentences_per_s_b1``: 256 texts one by one;
+- ``load_s``: building the embedder and its runtime in a warm process (export already made);
+  ``startup_s``: a fresh ``python`` process importing iclcls, loading the embedder and
+  embedding one text (what a `label` or `serve` start pays);
+- ``banking77_knn`` / ``clinc150_knn``: kNN-vote accuracy (%) of the retriever alone
+  (``retriever_only(shortlist="knn_vote")``) with the 10-shot pools (train_10.csv), full test
+  sets (3,080 / 4,500);
+- ``esco_tech_rp10`` / ``esco_tech_r50``: ESCO TECH (338 test sentences, 13,896 skills)
+  retrieve-only RP@10 and R@50 (%), the label retriever with the ESCO priors (A = 10), as
+  eval/configs/esco_tech_retrieve.yaml;
+- ``cosine_to_fp32``: mean (and ``cosine_to_fp32_min``) cosine of each BANKING77 test text's
+  embedding to the same model's float32 PyTorch embedding.
+
+All speed figures come from ONE process, back to back, so their ratios are comparable; the
+1-minute load average before and after each embedder is recorded (2 cores shared with other
+jobs: figures taken under load are not the machine's speed, the ratios are more robust).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "eval" / "results" / "bench_embedders.json"
+DEFAULT_SPECS = ["minilm@torch", "minilm@onnx", "minilm@onnx-int8", "minilm@openvino", "minilm@openvino-int8", "minilm@static"]
+
+
+def load_now() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def data_dir() -> Path:
+    for cand in (os.environ.get("ICLCLS_DATA"), REPO.parent / "shared" / "data"):
+        if cand and Path(cand).is_dir():
+            return Path(cand)
+    raise SystemExit("benchmark data not found: set ICLCLS_DATA or put it at ../shared/data")
+
+
+def speed_texts(n: int) -> list[str]:
+    with open(data_dir() / "banking77" / "train.csv", newline="", encoding="utf-8") as f:
+        texts = list(dict.fromkeys(row["text"] for row in csv.DictReader(f)))
+    return texts[:n]
+
+
+def reference_spec(spec: str) -> str:
+    return spec.rpartition("@")[0] + "@torch" if "@" in spec else spec
+
+
+# -- accuracy ------------------------------------------------------------------------------
+
+
+def knn_accuracy(spec: str, dataset: str) -> float:
+    from iclcls.data import load_benchmark
+    from iclcls.programs import retriever_only
+
+    bench = load_benchmark(f"{dataset}_10shot")
+    clf = retriever_only(shortlist="knn_vote", embedder=spec, show_progress=False).fit(bench.train, tune="none")
+    preds = clf.predict(bench.test, show_progress=False)
+    return round(100 * float(np.mean([p.label == e.label for p, e in zip(preds, bench.test)])), 2)
+
+
+def esco_tech(spec: str) -> dict[str, float]:
+    from iclcls.data import load_benchmark
+    from iclcls.metrics import recall_at_k, rp_at_k
+    from iclcls.programs import retriever_only
+
+    bench = load_benchmark("esco_tech")
+    test = [ex for ex in bench.test if ex.labels]
+    clf = retriever_only(
+        shortlist={"name": "label_retriever", "priors": bench.priors, "prior_a": 10.0},
+        shortlist_k=50, multi_label=True, embedder=spec, show_progress=False,
+    ).fit([], labels=bench.labels, tune="none")  # fmt: skip
+    preds = clf.predict(test, show_progress=False)
+    gold, ranked = [list(ex.labels) for ex in test], [list(p.labels) for p in preds]
+    return {"esco_tech_rp10": round(100 * rp_at_k(gold, ranked, 10), 2), "esco_tech_r50": round(100 * recall_at_k(gold, ranked, 50), 2), "esco_tech_n": len(test)}
+
+
+def cosine_to_reference(spec: str) -> dict[str, float]:
+    from iclcls.data import load_benchmark
+    from iclcls.embed import get_embedder
+
+    texts = [ex.text for ex in load_benchmark("banking77_10shot").test]
+    ref = get_embedder(reference_spec(spec)).encode(texts)
+    vecs = get_embedder(spec).encode(texts)
+    if vecs.shape != ref.shape:  # a static model has its own dimensions: no per-vector comparison
+        return {"cosine_to_fp32": None, "cosine_to_fp32_min": None}
+    cos = (vecs * ref).sum(1)
+    return {"cosine_to_fp32": round(float(cos.mean()), 5), "cosine_to_fp32_min": round(float(cos.min()), 5)}
+
+
+def accuracy_part(specs: list[str], log=print) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    for spec in specs:
+        t = time.perf_counter()
+        row = {"banking77_knn": knn_accuracy(spec, "banking77"), "clinc150_knn": knn_accuracy(spec, "clinc150")}
+        row |= esco_tech(spec)
+        row |= cosine_to_reference(spec)
+        row["accuracy_wall_s"] = round(time.perf_counter() - t, 1)
+        rows[spec] = row
+        log(f"{spec:24s} {row}")
+    return rows
+
+
+# -- speed ---------------------------------------------------------------------------------
+
+
+def fresh_embedder(spec: str):
+    """A new (uncached, not memoised) embedder for ``spec``, so its load can be timed."""
+    from iclcls import embed
+    from iclcls.embed.specs import parse_backend_spec
+
+    parsed = parse_backend_spec(spec)
+    folder, base = embed._model_folder(parsed.model)
+    if parsed.backend == "torch":
+        return embed.SentenceTransformerEmbedder(folder, name=base)
+    return embed._exported.__wrapped__(str(folder), parsed.backend, f"{base}@{parsed.backend}")
+
+
+def startup_seconds(spec: str) -> float:
+    """Wall time of a fresh process that imports iclcls, loads ``spec`` and embeds one text."""
+    code = "from iclcls.embed import get_embedder; get_embedder(%r, cache=False).encode(['start'])" % spec
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True)
+    return round(time.perf_counter() - t, 2)
+
+
+def speed_part(specs: list[str], *, n: int, n_b1: int, log=print) -> dict[str, dict]:
+    texts = speed_texts(n)
+    rows: dict[str, dict] = {}
+    for spec in specs:
+        load0 = load_now()
+        t = time.perf_counter()
+        emb = fresh_embedder(spec)
+        emb.encode(["warm up"])  # loads the runtime (torch: the model; others: tokenizer + session)
+        load_s = time.perf_counter() - t
+        emb.encode(texts[:128], batch_size=64)
+        passes = []
+        for _ in range(3):
+            t = time.perf_counter()
+            emb.encode(texts, batch_size=64)
+            passes.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for text in texts[:n_b1]:
+            emb.encode([text], batch_size=1)
+        b1 = time.perf_counter() - t
+        rows[spec] = {
+            "sentences_per_s": round(n / statistics.median(passes), 1),
+            "sentences_per_s_b1": round(n_b1 / b1, 1),
+            "load_s": round(load_s, 2),
+            "startup_s": startup_seconds(spec),
+            "speed_load_avg_1m": [load0, load_now()],
+        }
+        log(f"{spec:24s} {rows[spec]}")
+        del emb
+    return rows
+
+
+def wait_for_quiet(limit: float, max_wait: float, log=print) -> float:
+    """Poll the 1-minute load average until it is below ``limit`` (or ``max_wait`` seconds pass)."""
+    t0 = time.time()
+    while (now := load_now()) >= limit and time.time() - t0 < max_wait:
+        log(f"load average {now} >= {limit}; waiting ({int(time.time() - t0)} s)")
+        time.sleep(30)
+    return now
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=["all", "accuracy", "speed"], default="all")
+    ap.add_argument("--embedders", nargs="+", default=DEFAULT_SPECS, help="embedder specs (model@backend)")
+    ap.add_argument("--sentences", type=int, default=1024, help="texts per batch-64 pass")
+    ap.add_argument("--sentences-b1", type=int, default=256, help="texts embedded one at a time")
+    ap.add_argument("--wait-load", type=float, default=1.5, help="start the speed part below this 1-min load average")
+    ap.add_argument("--wait-max", type=float, default=1200, help="seconds to wait for that, at most")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+
+    from iclcls.embed.export import ensure_export
+    from iclcls.embed.source import describe
+    from iclcls.embed.specs import parse_backend_spec
+    from iclcls.io import atomic_write_json
+
+    for spec in args.embedders:  # exports are made before anything is timed
+        parsed = parse_backend_spec(spec)
+        if parsed is None:
+            raise SystemExit(f"{spec!r}: give specs as model@backend (e.g. minilm@torch)")
+        if parsed.backend != "torch":
+            from iclcls import embed
+
+            ensure_export(describe(embed._model_folder(parsed.model)[0]), parsed.backend)
+
+    out_path = Path(args.out)
+    doc = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    rows = {r["embedder"]: r for r in doc.get("rows", [])}
+    doc.setdefault("machine", f"{os.cpu_count()} CPU cores shared with other jobs, no GPU")
+    doc["units"] = {"knn, rp10, r50": "percent", "sentences_per_s": "texts/s", "load_s, startup_s": "seconds"}
+    if args.part in ("all", "accuracy"):
+        for spec, row in accuracy_part(args.embedders).items():
+            rows.setdefault(spec, {"embedder": spec, "backend": parse_backend_spec(spec).backend}).update(row)
+        doc["accuracy_command"] = "python eval/bench_embedders.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.part in ("all", "speed"):
+        before = wait_for_quiet(args.wait_load, args.wait_max)
+        for spec, row in speed_part(args.embedders, n=args.sentences, n_b1=args.sentences_b1).items():
+            rows.setdefault(spec, {"embedder": spec, "backend": parse_backend_spec(spec).backend}).update(row)
+        doc["speed"] = {
+            "load_avg_1m_at_start": before, "load_avg_1m_at_end": load_now(), "waited_for_below": args.wait_load,
+            "command": "python eval/bench_embedders.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "threads": "each runtime's default (torch: 2, onnxruntime: physical cores, OpenVINO: LATENCY hint)",
+        }
+        ref = {s: rows[s].get("sentences_per_s") for s in rows if s.endswith("@torch")}
+        for spec, row in rows.items():
+            base = ref.get(reference_spec(spec))
+            if base and row.get("sentences_per_s"):
+                row["speedup_vs_torch_b64"] = round(row["sentences_per_s"] / base, 2)
+    doc["rows"] = list(rows.values())
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_path, doc)
+    print(f"wrote {out_path}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
