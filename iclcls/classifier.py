@@ -387,24 +387,36 @@ class ICLClassifier(BaseEstimator):
                 raise ValueError(f"generate=False: no summary for classes {missing[:5]} and the prompt shows summaries")
 
     # -- predict -------------------------------------------------------------------------
-    def predict(self, inputs: Iterable[str | Example], *, show_progress: bool | None = None) -> list[Prediction]:
-        """Ranked labels for each input, with the candidates and demonstrations that produced them."""
+    def predict(
+        self, inputs: Iterable[str | Example], *, show_progress: bool | None = None, embeddings: np.ndarray | None = None
+    ) -> list[Prediction]:
+        """Ranked labels for each input, with the candidates and demonstrations that produced them.
+
+        ``embeddings``: the inputs' query embeddings (``embed_queries``) when already computed,
+        e.g. by a pipeline that embeds the next chunk while this one is classified."""
         if not hasattr(self, "pool_"):
             raise RuntimeError("ICLClassifier is not fitted: call fit(examples) first")
         examples = as_examples(inputs)
-        batches = [examples[i : i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
+        if embeddings is not None and len(embeddings) != len(examples):
+            raise ValueError(f"predict: {len(embeddings)} embeddings for {len(examples)} inputs")
         show = self.show_progress if show_progress is None else show_progress
         if show is None:
             show = len(examples) > 4 * self.batch_size
         out: list[Prediction] = []
         with tqdm(total=len(examples), desc="predict", unit="ex", disable=not show) as bar:
-            for batch in batches:
-                out.extend(self._predict_batch(batch))
+            for i in range(0, len(examples), self.batch_size):
+                batch = examples[i : i + self.batch_size]
+                out.extend(self._predict_batch(batch, None if embeddings is None else embeddings[i : i + self.batch_size]))
                 bar.update(len(batch))
         return out
 
-    def _queries(self, examples: Sequence[Example]) -> list[Query]:
-        emb = encode_examples(self.embedder_, examples)  # images through an image embedder
+    def embed_queries(self, inputs: Iterable[str | Example]) -> np.ndarray:
+        """The query embeddings ``predict`` would compute for ``inputs`` (pass them as ``embeddings=``)."""
+        return encode_examples(self.embedder_, as_examples(inputs))
+
+    def _queries(self, examples: Sequence[Example], emb: np.ndarray | None = None) -> list[Query]:
+        if emb is None:
+            emb = encode_examples(self.embedder_, examples)  # images through an image embedder
         queries = [Query(ex, e) for ex, e in zip(examples, emb)]
         if self.inferrer_ is not None:
             guesses = self.inferrer_.infer(self.lm_, [ex.text for ex in examples])
@@ -426,8 +438,8 @@ class ICLClassifier(BaseEstimator):
             out += self.shortlister_.shortlist(self._queries(examples[i : i + 256]), self.shortlist_k)
         return out
 
-    def _predict_batch(self, examples: Sequence[Example]) -> list[Prediction]:
-        queries = self._queries(examples)
+    def _predict_batch(self, examples: Sequence[Example], emb: np.ndarray | None = None) -> list[Prediction]:
+        queries = self._queries(examples, emb)
         cands = self.shortlister_.shortlist(queries, self.shortlist_k)
         prompts = []
         if getattr(self.ranker_, "needs_prompts", getattr(self.ranker_, "needs_lm", True)):

@@ -40,6 +40,19 @@ def test_retriever_only_fit_predict_and_prediction_contents(sample):
     assert clf.predict_labels(["I lost my card"])[0] in clf.classes_
 
 
+def test_predict_with_precomputed_embeddings_is_the_same(sample):
+    """A pipeline may embed the next chunk ahead (``label`` on a GPU): the same predictions."""
+    clf = retriever_only(shortlist_k=4).fit(sample.train)
+    texts = [e.text for e in sample.test]
+    emb = clf.embed_queries(texts)
+    assert emb.shape == (len(texts), clf.pool_.dim)
+    a, b = clf.predict(texts), clf.predict(texts, embeddings=emb)
+    assert [p.labels for p in a] == [p.labels for p in b]
+    assert all(np.allclose(x.scores, y.scores) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="embeddings for"):
+        clf.predict(texts, embeddings=emb[:-1])
+
+
 def test_save_load_round_trip_is_identical_and_atomic(sample, tmp_path):
     clf = retriever_only(shortlist_k=3).fit(sample.train)
     out = tmp_path / "state"

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from iclcls.errors import LMServerError
 from iclcls.label.readers import Record
 
@@ -71,14 +73,17 @@ def check_row_options(clf: Any, opts: RowOptions) -> None:
                          "cross-validation unless tune='none')")
 
 
-def label_records(clf: Any, records: Sequence[Record], opts: RowOptions) -> list[dict[str, Any]]:
+def label_records(
+    clf: Any, records: Sequence[Record], opts: RowOptions, *, embeddings: np.ndarray | None = None
+) -> list[dict[str, Any]]:
     """One output row per record, in order; raises :class:`LMUnavailable` (with the rows before
-    it) when the LM server is unreachable."""
+    it) when the LM server is unreachable. ``embeddings``: of the records without an error, in
+    order, when already computed (``query_embeddings``)."""
     check_row_options(clf, opts)
     good = [r for r in records if r.error is None]
     outage: BaseException | None = None
     try:
-        preds = _predict_contained(clf, [r.text for r in good])
+        preds = _predict_contained(clf, [r.text for r in good], embeddings)
     except _Outage as stop:
         preds, outage = stop.finished, stop.cause
     by_pos = iter(preds)
@@ -120,12 +125,19 @@ class _Outage(Exception):
         self.cause, self.finished = cause, finished
 
 
-def _predict_contained(clf: Any, texts: list[str]) -> list[Any]:
+def query_embeddings(clf: Any, records: Sequence[Record]) -> np.ndarray:
+    """The embeddings ``label_records`` needs for ``records`` (those without an error)."""
+    return clf.embed_queries([r.text for r in records if r.error is None])
+
+
+def _predict_contained(clf: Any, texts: list[str], embeddings: np.ndarray | None = None) -> list[Any]:
     """Predictions, or the exception for each text that fails on its own; raises ``_Outage``
     (with what finished before it) when the LM server is unreachable."""
     if not texts:
         return []
     try:
+        if embeddings is not None:
+            return list(clf.predict(texts, show_progress=False, embeddings=embeddings))
         return list(clf.predict(texts, show_progress=False))
     except Exception as batch_error:  # noqa: BLE001 - isolate the failing rows below
         if is_outage(batch_error):

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from iclcls.label.output import JsonlSink, StdoutSink, check_writable, state_fingerprint
 from iclcls.label.readers import LabelInputError, chunked, check_unique_ids, detect_format, inspect_input, iter_records
-from iclcls.label.rows import LMUnavailable, RowOptions, check_row_options, label_records, prepare
+from iclcls.label.rows import (LMUnavailable, RowOptions, check_row_options, embedding_bound, label_records, prepare,
+                               query_embeddings)
 
 EXIT_LM_UNAVAILABLE = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, run the same command again
 
@@ -169,15 +170,43 @@ def _batches(
         )
         return
     records = iter_records(src, fmt, text_field=opts.text_field, id_field=opts.id_field)
-    for chunk in chunked(_limited(records, opts.limit), opts.chunk_rows):
-        todo = [r for r in chunk if r.id not in done]
+    chunks = chunked(_limited(records, opts.limit), opts.chunk_rows)
+    for chunk, todo, emb in _prefetched(chunks, clf, done):
         try:
-            labelled = label_records(clf, todo, row_opts)
+            labelled = label_records(clf, todo, row_opts, embeddings=emb)
         except LMUnavailable as outage:
             yield _finished(chunk, done, outage.rows)
             raise
         it = iter(labelled)
         yield [(r.row, None if r.id in done else next(it)) for r in chunk]
+
+
+def _prefetched(chunks: Iterator[list[Any]], clf: Any, done: set[Any]) -> Iterator[tuple[list[Any], list[Any], Any]]:
+    """``(chunk, its rows to label, their embeddings or None)``. When the embedder sets the pace
+    (no LM per query), the next chunk is read and embedded in a worker thread while the caller
+    searches, ranks and writes this one: on a GPU the device stays busy between chunks."""
+    def read(chunk: list[Any]) -> tuple[list[Any], list[Any], Any]:
+        todo = [r for r in chunk if r.id not in done]
+        try:
+            return chunk, todo, query_embeddings(clf, todo) if todo else None
+        except Exception:  # noqa: BLE001 - label_records embeds again and contains the failure to its rows
+            return chunk, todo, None
+
+    if not embedding_bound(clf):
+        for chunk in chunks:
+            yield chunk, [r for r in chunk if r.id not in done], None
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="iclcls-embed") as worker:
+        ahead = None
+        for chunk in chunks:
+            job = worker.submit(read, chunk)
+            if ahead is not None:
+                yield ahead.result()
+            ahead = job
+        if ahead is not None:
+            yield ahead.result()
 
 
 def _finished(chunk: list[Any], done: set[Any], rows: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any] | None]]:
