@@ -22,6 +22,7 @@ results (k larger than the index) have id -1 and score -inf (ip) or +inf (l2).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -388,6 +389,9 @@ class VectorIndex:
 
     def _gpu_enabled(self) -> bool:
         if self._gpu_ok is None:  # "auto": decided once, on first search
+            if "torch" not in sys.modules and not Path("/proc/driver/nvidia/version").exists():
+                self._gpu_ok = False  # no NVIDIA driver: importing torch (seconds) to ask would be start-up wasted
+                return False
             try:
                 import torch
 

@@ -149,3 +149,19 @@ def test_static_embedder_distilled_offline(sample, sentences):
     clf = retriever_only(shortlist="knn_vote", shortlist_k=3, embedder="minilm@static").fit(sample.train, tune="none")
     acc = np.mean([p.label == ex.label for p, ex in zip(clf.predict(sample.test), sample.test)])
     assert acc >= 0.5, acc
+
+
+def test_int8_state_predicts_in_a_process_that_never_imports_torch(int8_state, sample):
+    """`label`/`serve` start-up with an exported embedder: no torch import (seconds) anywhere on
+    the load-and-predict path (the index asks torch about CUDA only where a driver exists)."""
+    import subprocess
+    import sys
+
+    state, _ = int8_state
+    code = (
+        "import sys; from iclcls import ICLClassifier; "
+        f"clf = ICLClassifier.load({str(state)!r}); "
+        f"print(clf.predict([{sample.test[0].text!r}])[0].label, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "False", out.stdout + out.stderr
