@@ -156,6 +156,10 @@ def label(
     workers: int = typer.Option(1, "--workers", min=1, help="ray: actors, each loading the state once"),
     address: Optional[str] = typer.Option(None, "--address", help="ray: cluster address (default: start a local one)"),
     chunk_rows: int = typer.Option(256, "--chunk-rows", min=1, help="rows per chunk (each chunk is written and fsynced)"),
+    store: Optional[str] = typer.Option(
+        None, "--store", help="also use the classes added live: the store of `iclcls serve --store` (a SQLite file or "
+        "postgresql://...), up to its current seq (kept in OUT.meta.json; a resume uses the same seq)",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Label a corpus: stream rows through a saved classifier into OUT (id, labels, scores per
@@ -164,7 +168,7 @@ def label(
     _run_label(
         inputs, state, out, text_field=text_field, id_field=id_field, with_text=with_text, trace=trace, alpha=alpha,
         limit=limit, overwrite=overwrite, skip_errors=skip_errors, lm=lm, trust=trust_state, engine=engine, workers=workers,
-        address=address, chunk_rows=chunk_rows, progress=not quiet,
+        address=address, chunk_rows=chunk_rows, progress=not quiet, store=store,
     )
 
 
@@ -179,9 +183,13 @@ def predict(
     trust_state: bool = typer.Option(
         False, "--trust-state", help="trust the state folder: let it name an LM endpoint, local model, file or template"
     ),
+    store: Optional[str] = typer.Option(
+        None, "--store", help="also use the classes added live (the store of `iclcls serve`), up to its current seq"
+    ),
 ) -> None:
     """`iclcls label --trace`: one JSON line per input with candidates and demonstrations (stdout without --out)."""
-    _run_label(inputs, state, out, text_field=text_field, id_field=id_field, trace=True, lm=lm, trust=trust_state)
+    _run_label(inputs, state, out, text_field=text_field, id_field=id_field, trace=True, lm=lm, trust=trust_state,
+               store=store)
 
 
 @app.command()
@@ -368,10 +376,11 @@ def study(
 @app.command("serve")
 def serve(
     state: Path = typer.Option(..., "--state", help="a folder written by `iclcls fit` / ICLClassifier.save (only read, never written)"),
-    store: Optional[Path] = typer.Option(
+    store: Optional[str] = typer.Option(
         None, "--store",
-        help="the SQLite file that keeps the classes added live (snapshots in STORE.snapshots/, the writer lock in "
-        "STORE.lock); default: DIR.additions.sqlite beside the --state folder DIR, never inside it. One server per store",
+        help="where the classes added live are kept: a SQLite file (one server; snapshots in STORE.snapshots/, the "
+        "writer lock in STORE.lock; default: DIR.additions.sqlite beside the --state folder DIR, never inside it), "
+        "or postgresql://USER@HOST:PORT/DB shared by any number of replicas (snapshots in the database)",
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (non-loopback needs --api-key-env)"),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
@@ -383,6 +392,16 @@ def serve(
     trust_state: bool = typer.Option(False, "--trust-state", help="trust the state folder: let it name an LM endpoint, local model, file or template"),
     lm: Optional[str] = typer.Option(None, "--lm", help="override the saved LM spec"),
     snapshot_every: int = typer.Option(100, "--snapshot-every", min=1, help="write a snapshot after this many additions"),
+    refresh_every_s: float = typer.Option(
+        60.0, "--refresh-every-s", min=0, help="refit stages that additions leave stale this often (seconds; 0: never)"
+    ),
+    follow_poll_s: float = typer.Option(
+        1.0, "--follow-poll-s", min=0.05, help="replicas: look for other replicas' additions at least this often "
+        "(a PostgreSQL notification wakes them sooner)",
+    ),
+    min_seq_wait_s: float = typer.Option(
+        5.0, "--min-seq-wait-s", min=0, help="how long a classify request with min_seq waits for it before 503"
+    ),
     max_texts: int = typer.Option(64, "--max-texts", min=1, help="texts per classify request"),
     max_text_chars: int = typer.Option(2000, "--max-text-chars", min=1, help="characters per text, example or description"),
     max_examples: int = typer.Option(256, "--max-examples", min=1, help="examples per addition"),
@@ -413,16 +432,18 @@ def serve(
     if refusal:
         _fail(refusal)
     from iclcls.serve.app import ServeSettings, serve as run_service
-    from iclcls.serve.store import StoreError
+    from iclcls.store import StoreError
 
     settings = ServeSettings(
         max_texts=max_texts, max_text_chars=max_text_chars, max_examples=max_examples, max_body_bytes=max_body_bytes,
         batching=batching, batch_wait_ms=batch_wait_ms, max_batch=max_batch, max_classes=max_classes, max_pool=max_pool,
+        min_seq_wait_s=min_seq_wait_s,
     )
     try:
-        run_service(str(state), store=str(store) if store is not None else None, host=host, port=port, api_key=key,
+        run_service(str(state), store=store, host=host, port=port, api_key=key,
                     admin_key=admin_key, trust_state=trust_state, lm=lm, snapshot_every=snapshot_every,
-                    settings=settings, log_level=log_level)
+                    refresh_every_s=refresh_every_s, follow_poll_s=follow_poll_s, settings=settings,
+                    log_level=log_level)
     except (StoreError, ValueError, FileNotFoundError, KeyError) as e:
         _fail(str(e))
 

@@ -33,14 +33,17 @@ class LabelActor:
 
     def __init__(
         self, *, state: str, lm: str | None, trust: bool, fmt: Format, text_field: str, id_field: str | None,
-        chunk_rows: int, row_options: RowOptions, done: frozenset, threads: int,
+        chunk_rows: int, row_options: RowOptions, done: frozenset, threads: int, store: str | None = None,
+        store_seq: int | None = None,
     ) -> None:
         import torch
 
-        from iclcls.classifier import ICLClassifier
+        from iclcls.label.live import load_labeller
 
         torch.set_num_threads(max(1, threads))
-        self.clf = prepare(ICLClassifier.load(state, lm=lm, trust=trust), chunk_rows=chunk_rows)
+        # every actor: the same snapshot + records up to the same seq as the driver recorded
+        clf = load_labeller(state, lm=lm, trust=trust, store=store, store_seq=store_seq)
+        self.clf = prepare(clf, chunk_rows=chunk_rows)
         self.fmt, self.text_field, self.id_field = fmt, text_field, id_field
         self.row_options, self.done = row_options, done
 
@@ -110,7 +113,7 @@ def _read(path: Path, fmt: Format, *, text_field: str, id_field: str | None, num
 def iter_ray_rows(
     path: Path, fmt: Format, *, state: Path, lm: str | None, trust: bool, text_field: str, id_field: str | None,
     chunk_rows: int, row_options: RowOptions, workers: int, address: str | None, limit: int | None,
-    done: set[Any], worker_cpus: float | None = None,
+    done: set[Any], worker_cpus: float | None = None, store: str | None = None, store_seq: int | None = None,
 ) -> Iterator[list[tuple[int, dict[str, Any] | None]]]:
     """Batches of ``(row number, row or None if already done)`` in input order."""
     try:
@@ -140,6 +143,7 @@ def iter_ray_rows(
                 state=str(Path(state).resolve()), lm=lm, trust=trust, fmt=fmt, text_field=text_field,
                 id_field=id_field, chunk_rows=chunk_rows, row_options=row_options,
                 done=frozenset(done) if id_field else frozenset(), threads=max(1, round(worker_cpus)),
+                store=_absolute_store(store), store_seq=store_seq,
             ),
             batch_size=chunk_rows,
             batch_format="pyarrow",
@@ -167,3 +171,10 @@ def iter_ray_rows(
     finally:
         if started:
             ray.shutdown()
+
+
+def _absolute_store(store: str | None) -> str | None:
+    """A SQLite store path made absolute for actors (which may run in another folder); a URL as is."""
+    if store is None or "://" in store:
+        return store
+    return str(Path(store).resolve())

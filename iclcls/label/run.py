@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from iclcls.label.output import JsonlSink, StdoutSink, check_writable, state_fingerprint
 from iclcls.label.readers import LabelInputError, chunked, check_unique_ids, detect_format, inspect_input, iter_records
+from iclcls.label.live import load_labeller, store_seq_for
 from iclcls.label.rows import (LMUnavailable, RowOptions, check_row_options, embedding_bound, label_records, prepare,
                                query_embeddings)
 
@@ -44,6 +45,7 @@ class LabelOptions:
     workers: int = 1
     address: str | None = None
     progress: bool = True
+    store: str | None = None  # a store of live additions (SQLite path or postgresql:// URL)
 
     def sidecar(self, input_path: Path) -> dict[str, Any]:
         return {
@@ -103,12 +105,16 @@ def label_corpus(
         check_unique_ids(src, fmt, text_field=opts.text_field, id_field=opts.id_field)
     fingerprint = state_fingerprint(Path(state))
     row_opts = RowOptions(with_text=opts.with_text, trace=opts.trace, alpha=opts.alpha)
-    clf = _load_local(Path(state), opts, row_opts) if opts.engine == "local" and info.rows != 0 else None
+    sidecar = opts.sidecar(src)
+    store_seq = None
+    if opts.store is not None:
+        location, store_seq = store_seq_for(opts.store, out_path, overwrite=opts.overwrite)
+        sidecar.update(store=location, store_seq=store_seq)
+    clf = _load_local(Path(state), opts, row_opts, store_seq) if opts.engine == "local" and info.rows != 0 else None
     sink: JsonlSink | StdoutSink
     if out_path is not None:
         sink = JsonlSink(out_path)
-        sink.open(fingerprint=fingerprint, options=opts.sidecar(src), overwrite=opts.overwrite,
-                  skip_errors=opts.skip_errors)
+        sink.open(fingerprint=fingerprint, options=sidecar, overwrite=opts.overwrite, skip_errors=opts.skip_errors)
     else:
         sink = StdoutSink()
     total = info.rows if opts.limit is None or info.rows is None else min(info.rows, opts.limit)
@@ -119,7 +125,8 @@ def label_corpus(
             summary.notes.append(f"{src} has no rows: nothing to label")
         else:
             with _progress(total, opts.progress) as advance:
-                for batch in _batches(src, fmt, state=Path(state), clf=clf, opts=opts, row_opts=row_opts, done=sink.done):
+                for batch in _batches(src, fmt, state=Path(state), clf=clf, opts=opts, row_opts=row_opts, done=sink.done,
+                                      store_seq=store_seq):
                     rows = []
                     for _, row in batch:
                         if row is None or row["id"] in sink.done:
@@ -143,18 +150,18 @@ def label_corpus(
     return summary
 
 
-def _load_local(state: Path, opts: LabelOptions, row_opts: RowOptions) -> Any:
+def _load_local(state: Path, opts: LabelOptions, row_opts: RowOptions, store_seq: int | None) -> Any:
     """The classifier for the local engine, loaded (and the row options checked against it)
     before OUT is opened, so that a bad state or option leaves OUT as it was."""
-    from iclcls.classifier import ICLClassifier
-
-    clf = prepare(ICLClassifier.load(state, lm=opts.lm, trust=opts.trust), chunk_rows=opts.chunk_rows)
+    clf = load_labeller(state, lm=opts.lm, trust=opts.trust, store=opts.store, store_seq=store_seq)
+    clf = prepare(clf, chunk_rows=opts.chunk_rows)
     check_row_options(clf, row_opts)
     return clf
 
 
 def _batches(
-    src: Path, fmt: Any, *, state: Path, clf: Any, opts: LabelOptions, row_opts: RowOptions, done: set[Any]
+    src: Path, fmt: Any, *, state: Path, clf: Any, opts: LabelOptions, row_opts: RowOptions, done: set[Any],
+    store_seq: int | None = None,
 ) -> Iterator[list[tuple[int, dict[str, Any] | None]]]:
     """``(row number, row or None when already done)`` batches, in input order, from either engine.
 
@@ -166,7 +173,7 @@ def _batches(
         yield from iter_ray_rows(
             src, fmt, state=state, lm=opts.lm, trust=opts.trust, text_field=opts.text_field,
             id_field=opts.id_field, chunk_rows=opts.chunk_rows, row_options=row_opts, workers=opts.workers,
-            address=opts.address, limit=opts.limit, done=done,
+            address=opts.address, limit=opts.limit, done=done, store=opts.store, store_seq=store_seq,
         )
         return
     records = iter_records(src, fmt, text_field=opts.text_field, id_field=opts.id_field)

@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from iclcls.serve.additions import Addition
+from iclcls.store.additions import Addition
 from iclcls.serve.auth import Guard
 from iclcls.serve.batcher import MicroBatcher, Overloaded
 from iclcls.serve.metrics import Metrics
@@ -39,7 +39,7 @@ from iclcls.serve.models import (
     top_k_warning,
 )
 from iclcls.serve.state import AdditionRefused, LiveClassifier
-from iclcls.serve.store import StoreError, StoreWriteFailed
+from iclcls.store import StoreError, StoreWriteFailed
 
 log = logging.getLogger("iclcls.serve")
 
@@ -60,6 +60,7 @@ class ServeSettings:
     max_queue: int = 1024  # waiting classify requests before 503
     max_classes: int = 10_000  # classes in the state; an addition past it gets 409
     max_pool: int = 200_000  # pool examples in the state; an addition past it gets 409
+    min_seq_wait_s: float = 5.0  # how long a classify request with min_seq waits for it before 503
 
 
 def _too_large(what: str, n: int, limit: int, flag: str) -> HTTPException:
@@ -148,6 +149,10 @@ def create_app(
         for i, t in enumerate(req.texts):
             if len(t) > s.max_text_chars:
                 raise _too_large(f"characters in text {i}", len(t), s.max_text_chars, "--max-text-chars")
+        if req.min_seq is not None and live.applied_seq < req.min_seq:
+            if not await run_in_threadpool(live.wait_seq, req.min_seq, s.min_seq_wait_s):
+                raise HTTPException(503, f"this replica has applied additions up to seq {live.applied_seq}, not yet "
+                                    f"{req.min_seq} (waited {s.min_seq_wait_s:g} s, --min-seq-wait-s); retry")
         try:
             preds = await batcher.submit(req.texts)
         except Overloaded as e:
@@ -214,11 +219,12 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        """Liveness: 200 once the state is loaded and the store replayed; 503 if a failed addition
-        could not be rolled back (then additions are stopped until a restart replays the store)."""
+        """Liveness and the seq this replica has applied: 200 once the state is loaded and the store
+        replayed; 503 if a failed addition could not be rolled back or a followed one could not be
+        applied (then additions are stopped until a restart replays the store)."""
         if live.failed:
-            return JSONResponse({"status": "failed"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "failed", "seq": live.applied_seq, "reason": live.failed}, status_code=503)
+        return JSONResponse({"status": "ok", "seq": live.applied_seq})
 
     app.include_router(api)
 
@@ -282,10 +288,13 @@ def serve(
     trust_state: bool = False,
     lm: str | None = None,
     snapshot_every: int = 100,
+    refresh_every_s: float = 60.0,
+    follow_poll_s: float = 1.0,
     settings: ServeSettings | None = None,
     log_level: str = "info",
 ) -> None:
-    """Take the store's writer lock, load the state, replay the store, and serve until interrupted."""
+    """Open the store (SQLite: take its writer lock), load the state, replay the store, and serve
+    until interrupted (following the other replicas' additions on a PostgreSQL store)."""
     import uvicorn
 
     from iclcls.serve.auth import is_loopback
@@ -294,7 +303,8 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.time()
     live = LiveClassifier(state, store=store, holder={"port": port}, lm=lm, trust_state=trust_state,
-                          snapshot_every=snapshot_every, max_classes=s.max_classes, max_pool=s.max_pool)
+                          snapshot_every=snapshot_every, max_classes=s.max_classes, max_pool=s.max_pool,
+                          refresh_every_s=refresh_every_s, follow_poll_s=follow_poll_s)
     log.info("state ready in %.1f s", time.time() - t0)
     if api_key and not admin_key:
         log.warning("additions and the class list take the classify key: pass --admin-key-env to give them their own")

@@ -44,6 +44,11 @@ class ClassifyRequest(_Strict):
         "shortlist (`shortlist_k` in the response); a larger top_k returns them all and says so in `warnings`",
     )
     trace: bool = Field(False, description="also return candidates, demonstrations and the prompt")
+    min_seq: int | None = Field(
+        None, ge=0,
+        description="read your writes: classify only once this replica has applied the addition with this seq "
+        "(the `seq` an addition answered, on any replica); waits up to --min-seq-wait-s, then 503",
+    )
 
     @field_validator("texts")
     @classmethod

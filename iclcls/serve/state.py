@@ -1,18 +1,27 @@
-"""The live classifier behind the service: load, replay, add (durably, all or nothing), predict.
+"""The live classifier behind the service: load, replay, add (durably, all or nothing), follow, predict.
 
 Where things live::
 
     DIR/                     the fitted state: only read, never written by the service
-    STORE                    the additions (``--store``; default ``DIR.additions.sqlite``)
-    STORE.snapshots/NNNN/    ICLClassifier.save of the state after addition NNNN
-    STORE.lock               the writer lock: one server per store
+    STORE                    the additions (``--store``; default ``DIR.additions.sqlite``; or
+                             ``postgresql://...`` shared by replicas, snapshots in the database)
+    STORE.snapshots/NNNN/    (SQLite) ICLClassifier.save of the state after addition NNNN
+    STORE.lock               (SQLite) the writer lock: one server per SQLite store
 
 Start: the newest snapshot (or DIR, seq 0), then every record after its seq, in order, with
-no LM call (records carry the tags and summaries an LM wrote). An addition: validate (the
-app), prepare (embed; tags and summaries by the LM) outside the write lock, then under it
-apply in place, commit the record with its answer in one store transaction, and only then
-show the new state and acknowledge. Predictions take the read lock, so one sees the state
-before or after an addition, never half of one.
+no LM call (records carry the tags and summaries an LM wrote).
+
+An addition: validate (the app) and prepare (embed; tags and summaries by the LM) outside
+every lock; then hold the store's order (PostgreSQL: an advisory lock no other replica can
+commit past), catch up with the records other replicas committed, apply the addition in
+place under the write lock, commit it as the next seq and only then show it and acknowledge.
+If applying or committing fails, the state is rebuilt from the store, which never got the
+record: a record that cannot be applied is never acknowledged. Why apply before commit rather
+than "commit, then everyone applies": a record committed first would be followed by the other
+replicas even if it then failed to apply here; applying first under the order lock validates
+it on exactly the state it will follow in the log, and costs other replicas' additions only
+the wait for one local apply. Followers (PostgreSQL) apply records in seq order as they come.
+Predictions take the read lock, so one sees the state before or after an addition, never half.
 """
 
 from __future__ import annotations
@@ -20,16 +29,19 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iclcls.serve.additions import Addition, Prepared
 from iclcls.serve.legacy import find_legacy
 from iclcls.serve.rwlock import RWLock
-from iclcls.serve.snapshots import Snapshots, state_fingerprint
-from iclcls.serve.store import AdditionStore, KeyConflict, StoreError, default_store_path, open_store
+from iclcls.serve.workers import Workers
+from iclcls.store import AdditionStore, KeyConflict, StoreError, default_store_path, open_store
+from iclcls.store.additions import Addition, Prepared
+from iclcls.store.replay import apply_prepared, check_pairing, load_at, prepare_record
 from iclcls.types import Prediction
 
 log = logging.getLogger("iclcls.serve")
@@ -82,7 +94,12 @@ def _uncached(clf: Any) -> None:
 
 
 class LiveClassifier:
-    """A loaded ICLClassifier plus its store and snapshots; safe to use from many threads."""
+    """A loaded ICLClassifier plus its store and snapshots; safe to use from many threads.
+
+    Locks, always taken in this order: ``_add_lock`` (every change of the state: additions,
+    following, the swap of a refreshed stage, and the whole of a snapshot's save, which
+    therefore needs no read lock and never makes classification wait), the store's order,
+    ``_rw`` (write: the moment a change lands; read: predictions), ``_model_lock``."""
 
     def __init__(
         self,
@@ -98,6 +115,8 @@ class LiveClassifier:
         embed_cache: bool = False,
         max_classes: int | None = None,
         max_pool: int | None = None,
+        refresh_every_s: float = 60.0,
+        follow_poll_s: float = 1.0,
     ) -> None:
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
@@ -110,88 +129,43 @@ class LiveClassifier:
             spec = store if store is not None else default_store_path(self.state_dir)
             store = open_store(spec, writer={"host": socket.gethostname(), **dict(holder or {})})
         self.store: AdditionStore = store
+        self.snapshots: Any = None
         try:
-            self._start()
+            self._start(keep_snapshots, refresh_every_s, follow_poll_s)
         except BaseException:
+            if self.snapshots is not None:
+                self.snapshots.close()
             self.store.close()
             raise
 
-    def _start(self) -> None:
+    def _start(self, keep: int, refresh_every_s: float, follow_poll_s: float) -> None:
         self._rw = RWLock()
-        self._add_lock = threading.Lock()  # one addition at a time: apply order == seq order
+        self._add_lock = threading.Lock()  # one change at a time: apply order == seq order
         self._model_lock = threading.Lock()  # embedder/LM calls one at a time (tokenizers are not thread-safe)
-        self._snap_lock = threading.Lock()
+        self._seq_cond = threading.Condition()  # min_seq waiters
         self.failed: str | None = None  # set when a failed addition could not be rolled back
-        self._check_pairing()
-        self.snapshots = Snapshots(self.store.snapshot_dir)
-        legacy = find_legacy(self.state_dir) if self.store.seq() == 0 and not self.store.get_meta("legacy") else None
+        check_pairing(self.store, self.state_dir, claim=True)
+        self.snapshots = self.store.snapshots(keep=keep)
+        legacy = None
+        if not self.store.multi_writer and self.store.seq() == 0 and not self.store.get_meta("legacy"):
+            legacy = find_legacy(self.state_dir)
         if legacy is not None and legacy.snapshot is not None:
             self.snapshots.adopt(*legacy.snapshot)
             self.store.set_meta("base_seq", str(legacy.snapshot[1]))
-        self.clf, self.snapshot_seq, self.replayed = self._rebuild(reuse=None)
-        self.applied_seq = self.store.seq()
+        loaded = load_at(self.state_dir, self.store, self.snapshots, lm=self._lm, embedder=self._embedder,
+                         trust=self._trust, adjust=None if self._embed_cache else _uncached)
+        self.clf, self.snapshot_seq, self.replayed = loaded.clf, loaded.snapshot_seq, loaded.replayed
+        self.applied_seq = loaded.seq
         self.view = self._make_view(self.applied_seq)
-        self._snap_wanted = threading.Event()
-        self._closing = False
         if legacy is not None:
             self._import(legacy)
         self.clf.predict(["warm up"], show_progress=False)  # load lazy models now, not on a first request
         log.info("ready: %d classes, %d pool examples, seq %d (%d replayed) from store %s", len(self.view.counts),
                  self.view.pool_size, self.applied_seq, self.replayed, self.store.location)
-        self._snap_thread = threading.Thread(target=self._snapshot_loop, name="iclcls-snapshot", daemon=True)
-        self._snap_thread.start()
+        self.workers = Workers(self, follow_poll_s=follow_poll_s if self.store.multi_writer else None,
+                               refresh_every_s=refresh_every_s)
         if self.replayed >= self.snapshot_every:
-            self._snap_wanted.set()
-
-    def _check_pairing(self) -> None:
-        """A store belongs to one fitted state: replaying it onto another would be silently wrong."""
-        mine = state_fingerprint(self.state_dir)
-        theirs = self.store.get_meta("state")
-        if theirs is None:
-            self.store.set_meta("state", mine)
-            self.store.set_meta("state_dir", str(self.state_dir.absolute()))
-        elif theirs != mine:
-            raise StoreError(
-                f"{self.store.location}: this store holds additions to another fitted state (made for "
-                f"{self.store.get_meta('state_dir')}, which differs from {self.state_dir}); give each state its own --store"
-            )
-
-    # -- loading and replay ----------------------------------------------------------------
-    def _rebuild(self, *, reuse: Any) -> tuple[Any, int, int]:
-        """The state at the store's last seq: newest snapshot (or DIR), then the records after it.
-
-        ``reuse`` (the classifier being replaced) lends its loaded embedder and LM, so a
-        rollback does not load models again."""
-        from iclcls.classifier import ICLClassifier
-
-        latest = self.snapshots.latest()
-        source, seq = latest if latest else (self.state_dir, 0)
-        top = self.store.seq()
-        if seq > top:
-            raise StoreError(f"{source}: a snapshot at seq {seq}, but the store {self.store.location} ends at "
-                             f"{top}: the snapshots belong to another store")
-        log.info("loading %s (seq %d)", source, seq)
-        if reuse is None:
-            clf = ICLClassifier.load(source, lm=self._lm, embedder=self._embedder, trust=self._trust)
-            if not self._embed_cache:
-                _uncached(clf)
-        else:
-            clf = ICLClassifier.load(source, lm=reuse.lm_, embedder=reuse.embedder_, trust=self._trust)
-            clf.lm, clf.embedder = reuse.lm, reuse.embedder  # the specs, so snapshots name them as before
-        replayed, expect = 0, seq + 1
-        for rec in self.store.records_after(seq):
-            if rec.seq != expect:
-                raise StoreError(f"{self.store.location}: record seq {rec.seq} follows seq {expect - 1}: records are missing")
-            where = f"{self.store.location} seq {rec.seq}"
-            try:
-                Prepared.from_record(rec.body, where).apply_to(clf)
-            except StoreError:
-                raise
-            except Exception as e:
-                raise StoreError(f"{where}: replaying the addition failed ({type(e).__name__}: {e}); it applied when "
-                                 "it was added, so the state or iclcls changed since") from e
-            replayed, expect = replayed + 1, expect + 1
-        return clf, seq, replayed
+            self.workers.want_snapshot()
 
     def _import(self, legacy: Any) -> None:
         """Re-add the old in-folder log's records through the ordinary path (tags, summaries logged)."""
@@ -207,6 +181,11 @@ class LiveClassifier:
         with self._rw.read(), self._model_lock:
             return self.clf.predict(list(texts), show_progress=False)
 
+    def wait_seq(self, seq: int, timeout: float) -> bool:
+        """Whether this replica has applied ``seq`` (waiting up to ``timeout`` seconds for it)."""
+        with self._seq_cond:
+            return self._seq_cond.wait_for(lambda: self.applied_seq >= seq, timeout=max(0.0, timeout))
+
     @property
     def shortlist_k(self) -> int:
         return int(self.clf.shortlist_k)
@@ -217,13 +196,21 @@ class LiveClassifier:
         counts.update(pool.label_counts())
         return ClassView(counts, dict(pool.labels.descriptions), len(pool), seq)
 
+    def _publish(self, seq: int, view: ClassView) -> None:
+        with self._seq_cond:
+            self.applied_seq, self.view = seq, view
+            self._seq_cond.notify_all()
+        if seq - self.snapshot_seq >= self.snapshot_every:
+            self.workers.want_snapshot()
+
     # -- adding ----------------------------------------------------------------------------
     def add(self, addition: Addition, *, key: str | None = None, caps: bool = True) -> AddResult:
         """Apply and commit ``addition``, or raise with the state and the store unchanged.
 
-        A retry under the same ``key`` gets the first answer and adds nothing; the same key with
-        another body raises ``AdditionRefused(422)``. ``StoreWriteFailed`` means the commit failed
-        (disk full, I/O error): nothing was stored, the state was rolled back, serving goes on.
+        A retry under the same ``key`` (on any replica) gets the first answer and adds nothing;
+        the same key with another body raises ``AdditionRefused(422)``. ``StoreWriteFailed``
+        means the commit failed (disk full, I/O error, connection lost): the state was rebuilt
+        from the store, serving goes on.
         """
         if self.failed:
             raise StoreError(f"additions are stopped: {self.failed}; restart the service")
@@ -239,17 +226,17 @@ class LiveClassifier:
 
             embeddings = encode_examples(self.clf.pool_.embedder, examples)
         prepared = Prepared(addition, tuple(examples), summaries, embeddings)
-        with self._add_lock:
-            first = self._first_answer(key, digest)  # a concurrent retry may have committed meanwhile
+        with self._add_lock, self.store.ordered():
+            self._catch_up_locked()  # what other replicas committed before us comes first
+            first = self._first_answer(key, digest)  # a retry on another replica may have committed it
             if first is not None:
                 return first
             if caps:
                 self._check_caps(addition, self.view)
+            if self.failed:
+                raise StoreError(f"additions are stopped: {self.failed}; restart the service")
             with self._rw.write(), self._model_lock:  # lock order everywhere: rw, then model
-                result = self._apply_and_commit(prepared, key=key, digest=digest)
-        if result.seq - self.snapshot_seq >= self.snapshot_every:
-            self._snap_wanted.set()
-        return result
+                return self._apply_and_commit(prepared, key=key, digest=digest)
 
     def _first_answer(self, key: str | None, digest: str) -> AddResult | None:
         if key is None:
@@ -274,12 +261,12 @@ class LiveClassifier:
                                        f"{self.max_pool} (--max-pool)")
 
     def _apply_and_commit(self, prepared: Prepared, *, key: str | None, digest: str) -> AddResult:
-        """Under the write lock: apply in place, commit, publish; on any failure roll back.
+        """Under the store's order and the write lock: apply in place, commit, publish; on any
+        failure rebuild from the store (which then does not hold the record).
 
-        Rollback rebuilds the state from the snapshot and the store (which never got the record)
-        instead of applying to a copy: a copy of the pool, index and stage statistics would cost
-        O(state) on EVERY addition, while a failure here is rare (the input was validated and
-        prepared) and the rebuild is correct by construction, reusing the loaded models."""
+        Rollback rebuilds instead of applying to a copy: a copy of the pool, index and stage
+        statistics would cost O(state) on EVERY addition, while a failure here is rare (the input
+        was validated and prepared) and the rebuild is correct by construction."""
         seq = self.applied_seq + 1
         before = self.view
         try:
@@ -305,51 +292,87 @@ class LiveClassifier:
             self._roll_back()
             raise
         log.info("addition seq=%d committed (%d examples)", seq, len(prepared.examples))
-        self.applied_seq, self.view = seq, view
+        self._publish(seq, view)
         return result
 
     def _roll_back(self) -> None:
         """The state as of the store's last record (the write lock is held)."""
         try:
-            self.clf, self.snapshot_seq, _ = self._rebuild(reuse=self.clf)
-            self.view = self._make_view(self.applied_seq)
+            loaded = load_at(self.state_dir, self.store, self.snapshots, trust=self._trust, reuse=self.clf)
+            self.clf, self.snapshot_seq = loaded.clf, loaded.snapshot_seq
+            with self._seq_cond:
+                self.applied_seq, self.view = loaded.seq, self._make_view(loaded.seq)
+                self._seq_cond.notify_all()
         except Exception as e:
             self.failed = f"rolling back a failed addition failed: {type(e).__name__}: {e}"
             log.exception("rollback failed; additions are stopped until a restart")
 
+    # -- following other replicas ------------------------------------------------------------
+    def catch_up(self) -> int:
+        """Apply the records other replicas committed since ours, in seq order; how many."""
+        with self._add_lock:
+            return self._catch_up_locked()
+
+    def _catch_up_locked(self) -> int:
+        n = 0
+        for rec in self.store.records_after(self.applied_seq):
+            if self.failed:
+                break
+            where = f"{self.store.location} seq {rec.seq}"
+            if rec.seq != self.applied_seq + 1:
+                self.failed = f"record seq {rec.seq} follows seq {self.applied_seq}: records are missing"
+                break
+            with self._model_lock:  # embed outside the write lock: predictions go on meanwhile
+                prepared = prepare_record(self.clf, rec, where=where)
+            try:
+                with self._rw.write(), self._model_lock:
+                    apply_prepared(self.clf, prepared, where=where)
+            except StoreError as e:
+                log.exception("following seq %d failed; rebuilding from the store", rec.seq)
+                with self._rw.write(), self._model_lock:
+                    self._roll_back()
+                if not self.failed and self.applied_seq < rec.seq:
+                    self.failed = str(e)
+                break
+            self._publish(rec.seq, self._make_view(rec.seq))
+            n += 1
+        if n:
+            log.info("followed %d addition(s) from the store, now at seq %d", n, self.applied_seq)
+        return n
+
+    @contextmanager
+    def changing(self) -> Iterator[None]:
+        """The lock for swapping a refreshed stage in (``clf.refresh_stale(swap=...)``)."""
+        with self._add_lock, self._rw.write():
+            yield
+
     # -- snapshots -------------------------------------------------------------------------
     def snapshot(self) -> int | None:
-        """Save the current state as a snapshot (the store keeps every record, and so every
-        idempotency key, regardless)."""
-        with self._snap_lock:
-            with self._rw.read():
+        """Save the current state as a snapshot, if this replica's turn and none as new exists.
+
+        The save holds the add lock, not the read lock: every change of the state takes the add
+        lock, so the state is frozen for the save while predictions go on (additions wait)."""
+        with self.snapshots.turn() as mine:
+            if not mine:
+                return None
+            t0 = time.perf_counter()
+            with self._add_lock:
                 seq = self.applied_seq
-                if seq <= self.snapshot_seq or self.failed:
+                if self.failed or seq <= max(self.snapshot_seq, self.snapshots.latest_seq()):
+                    self.snapshot_seq = max(self.snapshot_seq, min(seq, self.snapshots.latest_seq()))
                     return None
                 target = self.snapshots.write(self.clf, seq)
             self.snapshots.seal(target, seq)
             self.snapshot_seq = seq
-            log.info("snapshot at seq %d", seq)
+            log.info("snapshot at seq %d in %.1f s", seq, time.perf_counter() - t0)
             return seq
 
-    def _snapshot_loop(self) -> None:
-        while True:
-            self._snap_wanted.wait()
-            self._snap_wanted.clear()
-            if self._closing:
-                return
-            try:
-                self.snapshot()
-            except Exception:  # a failed snapshot loses nothing: the store holds every addition
-                log.exception("snapshot failed; the store still holds every addition")
-
     def close(self, *, final_snapshot: bool = True) -> None:
-        self._closing = True
-        self._snap_wanted.set()
-        self._snap_thread.join(timeout=60)
+        self.workers.stop()
         if final_snapshot:
             try:
                 self.snapshot()
             except Exception:
                 log.exception("final snapshot failed; the store still holds every addition")
+        self.snapshots.close()
         self.store.close()

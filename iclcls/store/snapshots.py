@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,27 +33,47 @@ def state_fingerprint(state_dir: str | Path) -> str:
 
 
 class Snapshots:
-    """The complete snapshots in one folder: find the newest, write one, keep the last few."""
+    """The complete snapshots in one folder: find the newest, write one, keep the last few.
 
-    def __init__(self, directory: str | Path, *, keep: int = 2) -> None:
+    ``read_only`` (``iclcls label``) never creates or cleans the folder: a server may be writing it."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 2, read_only: bool = False) -> None:
         self.dir = Path(directory)
         self.keep = max(1, keep)
+        if read_only:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         for d in self.dir.iterdir():  # left by a crash while writing one
             if d.name.startswith(".") or (d.is_dir() and not (d / SEQ_FILE).is_file()):
                 shutil.rmtree(d, ignore_errors=True)
 
-    def latest(self) -> tuple[Path, int] | None:
+    def latest(self, *, at_most: int | None = None) -> tuple[Path, int] | None:
+        """The newest complete snapshot (with a seq no greater than ``at_most``)."""
         best: tuple[Path, int] | None = None
+        if not self.dir.is_dir():
+            return None
         for d in self.dir.iterdir():
             if d.is_dir() and d.name.isdigit() and (d / SEQ_FILE).is_file() and (d / "config.json").is_file():
                 seq = int(read_json(d / SEQ_FILE)["seq"])
-                if best is None or seq > best[1]:
+                if (at_most is None or seq <= at_most) and (best is None or seq > best[1]):
                     best = (d, seq)
         return best
 
+    def latest_seq(self) -> int:
+        got = self.latest()
+        return got[1] if got else 0
+
+    @contextmanager
+    def turn(self) -> Iterator[bool]:
+        """Whether this process may write a snapshot now: always (the store's writer lock already
+        makes it the only writer of this folder)."""
+        yield True
+
+    def close(self) -> None:
+        """Nothing to release (the folder stays: it is the store's)."""
+
     def write(self, clf: Any, seq: int) -> Path:
-        """Save ``clf`` as the snapshot of ``seq`` (the caller holds a read lock while it saves)."""
+        """Save ``clf`` as the snapshot of ``seq`` (the caller keeps the state from changing meanwhile)."""
         target = self.dir / f"{seq:012d}"
         clf.save(target)
         return target

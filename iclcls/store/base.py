@@ -1,4 +1,4 @@
-"""The store of class additions: what every backend (SQLite now, PostgreSQL next) promises.
+"""The store of class additions: what every backend (SQLite, PostgreSQL) promises.
 
 The store, not the fitted state folder, is the source of truth for what was added live: the
 service's state is the base state (or the newest snapshot) plus every record after it, in
@@ -13,6 +13,7 @@ after a crash gets exactly the first answer (hence no separate ``set_response``)
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -64,7 +65,22 @@ class AdditionStore(Protocol):
     """A log of additions with server-assigned sequence numbers and unique idempotency keys."""
 
     location: str  # for messages: a path or a URL without credentials
-    snapshot_dir: Path  # where snapshots of the applied state go (never inside the fitted state)
+    multi_writer: bool  # False: one process writes (SQLite's lock); True: replicas write and must follow
+
+    def ordered(self) -> AbstractContextManager[None]:
+        """Hold the store's order until exit: no other process commits meanwhile, so the caller can
+        catch up to the head, apply its addition on top, and ``append`` it as the next seq.
+        (SQLite: nothing to hold, its writer lock already makes this process the only writer.)"""
+        ...
+
+    def wait(self, seq: int, timeout: float) -> None:
+        """Return when records after ``seq`` may exist (a wake-up, never the truth: read
+        ``records_after``), or after ``timeout`` seconds."""
+        ...
+
+    def snapshots(self, *, keep: int = 2) -> Any:
+        """The store's own place for snapshots (a ``Snapshots``-like object: latest/write/seal/turn)."""
+        ...
 
     def seq(self) -> int:
         """The last committed sequence number (0 for an empty store)."""

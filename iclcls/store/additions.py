@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from iclcls.serve.store import StoreError
+from iclcls.store import StoreError
 from iclcls.types import Example, check_text
 
 RECORD_VERSION = 1

@@ -1,7 +1,7 @@
 """Stores of class additions: ``open_store(spec)`` picks the backend from the spec.
 
-A path (``additions.sqlite``, ``/var/lib/iclcls/store.db``) opens SQLite; a PostgreSQL
-backend for several replicas (``postgresql://...``) is one more file behind the same protocol.
+A path (``additions.sqlite``, ``/var/lib/iclcls/store.db``) opens SQLite (one writer, the
+embedded default); ``postgresql://USER@HOST:PORT/DB`` opens PostgreSQL (any number of replicas).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from iclcls.serve.store.base import (
+from iclcls.store.base import (
     AdditionStore,
     Appended,
     KeyConflict,
@@ -32,11 +32,15 @@ def default_store_path(state_dir: str | Path) -> Path:
 
 
 def open_store(spec: str | Path, *, writer: Mapping[str, Any] | None = None, read_only: bool = False) -> AdditionStore:
-    """The store at ``spec``; ``writer`` (pid/port facts) takes its one-writer lock."""
+    """The store at ``spec``; ``writer`` (pid/port facts) takes SQLite's one-writer lock."""
     text = str(spec)
+    if text.startswith(("postgresql://", "postgres://")):
+        from iclcls.store.postgres import PostgresStore
+
+        return PostgresStore(text, writer=writer, read_only=read_only)
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise StoreError(f"--store {scheme}://...: only SQLite files are supported for now; give a file path")
-    from iclcls.serve.store.sqlite import SQLiteStore
+        raise StoreError(f"--store {scheme}://...: not a store; give a SQLite file path or a postgresql:// URL")
+    from iclcls.store.sqlite import SQLiteStore
 
     return SQLiteStore(text, writer=writer, read_only=read_only)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from iclcls.serve.store.base import StoreLocked
+from iclcls.store.base import StoreLocked
 
 
 class WriterLock:

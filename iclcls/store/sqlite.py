@@ -14,11 +14,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from iclcls.serve.store.base import Appended, KeyConflict, Record, StoreError, StoreWriteFailed
-from iclcls.serve.store.lock import WriterLock
+from iclcls.store.base import Appended, KeyConflict, Record, StoreError, StoreWriteFailed
+from iclcls.store.lock import WriterLock
+from iclcls.store.snapshots import Snapshots
 
 FORMAT = "iclcls-additions"
 VERSION = "1"
@@ -43,12 +45,15 @@ def _dumps(obj: Any) -> str:
 class SQLiteStore:
     """``AdditionStore`` on one SQLite file; ``writer`` takes the store's lock (one writer per store)."""
 
+    multi_writer = False
+
     def __init__(self, path: str | Path, *, writer: Mapping[str, Any] | None = None, read_only: bool = False) -> None:
         self.path = Path(path).absolute()
         self.location = str(self.path)
         self.snapshot_dir = self.path.with_name(self.path.name + ".snapshots")
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._mutex = threading.Lock()
+        self.read_only = read_only
         self._lock = None if read_only else WriterLock(self.lock_path, holder=writer)
         try:
             self._conn = self._connect(read_only=read_only)
@@ -100,6 +105,18 @@ class SQLiteStore:
         except sqlite3.Error:
             pass
         self._conn = self._connect()
+
+    # -- order, waiting, snapshots -----------------------------------------------------------
+    def ordered(self) -> AbstractContextManager[None]:
+        """Nothing to hold: the writer lock makes this process the store's only writer."""
+        return nullcontext()
+
+    def wait(self, seq: int, timeout: float) -> None:
+        """Only this process writes, so nothing new ever comes from elsewhere: just wait."""
+        time.sleep(max(0.0, timeout))
+
+    def snapshots(self, *, keep: int = 2) -> Snapshots:
+        return Snapshots(self.snapshot_dir, keep=keep, read_only=self.read_only)
 
     # -- reading ---------------------------------------------------------------------------
     def seq(self) -> int:
