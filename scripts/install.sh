@@ -29,4 +29,11 @@ if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && comm
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
     || echo "warning: chromium not installed; the browser test will be skipped"
 fi
+# Debian's PostgreSQL server, for the replica tests (tests/test_replicas.py start a throwaway
+# cluster with initdb + pg_ctl as the `postgres` user); iclcls itself needs only a URL to one.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+    || echo "warning: postgresql not installed; the replica tests will be skipped"
+fi
 echo "iclcls installed in .venv"
