@@ -188,6 +188,20 @@ def wait_for_quiet(limit: float, max_wait: float, log=print) -> float:
 # -- main ----------------------------------------------------------------------------------
 
 
+def markdown_table(doc: dict) -> str:
+    """The rows as the README's table (None -> "-")."""
+    cols = [("embedder", "spec"), ("sentences_per_s", "texts/s b64"), ("speedup_vs_torch_b64", "x torch"),
+            ("sentences_per_s_b1", "texts/s b1"), ("load_s", "load s"), ("startup_s", "start-up s"),
+            ("banking77_knn", "BANKING77 kNN"), ("clinc150_knn", "CLINC150 kNN"), ("esco_tech_rp10", "TECH RP@10"),
+            ("esco_tech_r50", "TECH R@50"), ("cosine_to_fp32", "cos mean"), ("cosine_to_fp32_min", "cos min")]  # fmt: skip
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for row in doc.get("rows", []):
+        cells = [f"`{row[k]}`" if k == "embedder" else ("-" if row.get(k) is None else str(row[k])) for k, _ in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=["all", "accuracy", "speed"], default="all")
@@ -197,7 +211,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--wait-load", type=float, default=1.5, help="start the speed part below this 1-min load average")
     ap.add_argument("--wait-max", type=float, default=1200, help="seconds to wait for that, at most")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--table", action="store_true", help="print --out's rows as a markdown table and stop")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return {}
 
     from iclcls.embed.export import ensure_export
     from iclcls.embed.source import describe

@@ -37,7 +37,7 @@ def data_dir() -> Path:
 
 # Model folders that are slow to rebuild (GGUF->HF conversions for vLLM, the assembled
 # Gemma GGUF): they stay in the user's cache and are linked into the tests' own cache.
-_STABLE_MODEL_DIRS = ("hf", "gguf", "embed-models")  # embed-models: CPU-backend exports (iclcls.embed.export)
+_STABLE_MODEL_DIRS = ("hf", "gguf")
 
 
 def _isolate_cache(root: Path) -> Path:

@@ -1,6 +1,7 @@
-"""Export a sentence-transformers model once, offline, into iclcls's cache, for a CPU backend.
+"""Export a sentence-transformers model once, offline, into iclcls's model cache, for a CPU backend.
 
-``<iclcls cache>/embed-models/<source sha256[:16]>/<backend>-v<RECIPE>/`` holds one export:
+``<exports root>/<source sha256[:16]>/<backend>-v<RECIPE>/`` holds one export (the root is
+beside the Python environment, see :func:`exports_root`):
 the model file(s), the source's ``tokenizer.json`` and ``export.json`` (written last, so a
 folder without it is unfinished). Folders are built in a temporary sibling and renamed into
 place, so concurrent first uses never see half an export. Only these folders are ever loaded:
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,7 +39,17 @@ MODEL_FILES = {"onnx": "model.onnx", "onnx-int8": "model.onnx", "openvino": "mod
 
 
 def exports_root() -> Path:
-    return cache_dir() / "embed-models"
+    """Where exports live: beside the Python environment, like the opt-in mpnet model.
+
+    Not under ``$ICLCLS_CACHE``: a fresh embedding cache (a benchmark's, a test session's) must
+    not re-export. ``$ICLCLS_MODELS/exports`` when set; else ``<sys.prefix>/share/iclcls/models/
+    exports`` when writable; else ``<iclcls cache>/embed-models``.
+    """
+    if os.environ.get("ICLCLS_MODELS"):
+        return Path(os.environ["ICLCLS_MODELS"]) / "exports"
+    beside_env = Path(sys.prefix) / "share" / "iclcls" / "models" / "exports"
+    existing = next(p for p in (beside_env, *beside_env.parents) if p.exists())
+    return beside_env if os.access(existing, os.W_OK) else cache_dir() / "embed-models"
 
 
 def export_dir(source: SourceModel, backend: str) -> Path:
@@ -80,6 +92,7 @@ def ensure_export(source: SourceModel, backend: str, *, calibration: list[str] |
             "model_file": MODEL_FILES[backend], "export_s": round(time.perf_counter() - started, 2),
         }  # fmt: skip
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; an export is readable like any model
         try:
             os.replace(staging, target)
         except OSError:  # another process finished first: use its export
@@ -203,3 +216,25 @@ def calibration_texts() -> list[str]:
             if line.strip():
                 texts.append(json.loads(line)["text"])
     return texts
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m iclcls.embed.export minilm@onnx-int8 ...``: make exports ahead of first use."""
+    import sys
+
+    from iclcls.embed import _model_folder
+    from iclcls.embed.source import describe
+    from iclcls.embed.specs import parse_backend_spec
+
+    specs = argv if argv is not None else sys.argv[1:]
+    if not specs:
+        raise SystemExit("usage: python -m iclcls.embed.export MODEL@BACKEND [...]  (e.g. minilm@onnx-int8)")
+    for spec in specs:
+        parsed = parse_backend_spec(spec)
+        if parsed is None or parsed.backend == "torch":
+            raise SystemExit(f"{spec!r} is not an exported backend spec (model@{'|'.join(EXPORTED_BACKENDS)})")
+        print(f"{spec}: {ensure_export(describe(_model_folder(parsed.model)[0]), parsed.backend)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@
 Exports are cached by the hash of the source model's files, so a changed model (a new
 package version) is exported anew and an unchanged one never is. Hashing 90-420 MB on every
 start-up would cost a second, so the digest is remembered beside the cache, keyed by the
-files' sizes and modification times.
+files' sizes and modification times (``digests.json`` beside the exports).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from iclcls.util import cache_dir
 
 _SKIP_DIRS = {"onnx", "openvino", ".git"}  # exports a folder may already carry are not the source
 
@@ -61,7 +60,9 @@ def model_digest(folder: str | Path) -> str:
     """sha256 of a model folder's files (names and bytes), remembered by size and mtime."""
     folder = Path(folder).resolve()
     files = _files(folder)
-    memo = cache_dir() / "embed-models" / "digests.json"
+    from iclcls.embed.export import exports_root
+
+    memo = exports_root() / "digests.json"
     fp = _fingerprint(folder, files)
     try:
         known = json.loads(memo.read_text())
