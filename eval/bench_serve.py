@@ -2,6 +2,11 @@
 
     .venv/bin/python eval/bench_serve.py [--duration 30] [--lm-duration 20] [--clients 1 4 16]
                                          [--skip-lm] [--threads 1] [--quick]
+    .venv/bin/python eval/bench_serve.py --replicas 2 --store postgresql://USER@HOST:PORT/DB
+                                         [--clients 8] [--duration 30] [--wait-load 2]
+
+The second form (eval/bench_serve_replicas.py) measures 1..N replicas on one PostgreSQL store
+while a class is added every second, and merges its rows (``replicas`` set) into the results.
 
 For the retriever alone (kNN vote over the 10,003 BANKING77 training examples, no LM) and
 with the embedded LM (SmolLM2-135M ranking a 5-class kNN shortlist with 4 kNN
@@ -267,7 +272,14 @@ def main() -> None:
     ap.add_argument("--adding-only", action="store_true", help="only the runs with additions")
     ap.add_argument("--merge", action="store_true", help="replace matching rows of an existing --out, keep the rest")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--replicas", type=int, default=None, help="measure 1..N replicas on --store (PostgreSQL)")
+    ap.add_argument("--store", default=None, help="with --replicas: postgresql://USER@HOST:PORT/DB (a database per "
+                    "run is created on that server and dropped after)")
+    ap.add_argument("--wait-load", type=float, default=None, help="wait (up to 15 min) for the 1-min load under this")
     a = ap.parse_args()
+    if a.replicas:
+        replica_main(a)
+        return
     if a.quick:
         a.duration = a.lm_duration = 3.0
         a.clients = [1, 4]
@@ -325,6 +337,39 @@ def main() -> None:
     a.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {a.out} ({len(rows)} runs, {time.time() - t0:.0f} s); LM micro-batching speedup at "
           f"C={top}: {out['lm_batching_speedup_at_max_clients']}")
+
+
+def replica_main(a: argparse.Namespace) -> None:
+    """The replica runs (see eval/bench_serve_replicas.py); rows merged into --out."""
+    from bench_serve_replicas import run_replicas, wait_for_load
+
+    if not a.store or not a.store.startswith("postgresql://"):
+        raise SystemExit("--replicas needs --store postgresql://USER@HOST:PORT/DB")
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench_serve."))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **{v: str(a.threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+    states = build_states(work, a.data_dir, with_lm=False)
+    from iclcls.data import load_benchmark
+
+    texts = [ex.text for ex in load_benchmark("banking77", data_dir=a.data_dir).test]
+    adds = new_classes(a.data_dir)
+    clients = max(a.clients) if a.clients != [1, 4, 16] else 8
+    rows = []
+    for r in range(1, a.replicas + 1):
+        if a.wait_load is not None:
+            print(f"load before the run: {wait_for_load(a.wait_load, 900):.2f}", flush=True)
+        rows.append(run_replicas(state=states["retriever"], work=work, server_cls=Server, store=a.store, replicas=r,
+                                 clients=clients, duration=a.duration, texts=texts, adds=adds, env=env, seed=r))
+    old = json.loads(a.out.read_text()) if a.out.exists() else {"benchmark": "bench_serve", "rows": []}
+    old["rows"] = [row for row in old["rows"] if "replicas" not in row] + rows
+    old["replica_notes"] = (
+        "replicas rows: R `iclcls serve` processes on one PostgreSQL store (retriever state, kNN vote over 10,003 "
+        "BANKING77 texts) on this one machine, C clients round-robin over them, one CLINC150 class added per second "
+        "to the replicas in turn; visibility: acknowledgement on one replica to its seq on another (healthz polled "
+        "every 5 ms); load_average_1min: at the run's start (the machine is shared)"
+    )
+    a.out.write_text(json.dumps(old, indent=2) + "\n")
+    print(f"merged {len(rows)} replica rows into {a.out}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ the server binaries are absent). Read-your-writes across replicas (min_seq, and 
 within 2 s), a retry on the other replica under the same Idempotency-Key, kill -9 of a replica
 in the middle of an addition (the other goes on; the addition is whole or absent; the restarted
 one converges to the same seq and the same predictions), `label --store` with a class added
-live; in process: the PostgreSQL store's protocol, and a snapshot that does not hold up
-classification. Two servers and one cluster are shared by the module.
+live; in process: the PostgreSQL store's protocol, a snapshot that does not hold up
+classification, and a label resume that keeps its store seq (SQLite). Two servers and one
+cluster are shared by the module.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import pytest
 import pg_cluster
 from test_serve import BASE, NEW, PER_CLASS, REPO, Server, _add, _classes, _classify, banking, base_state  # noqa: F401
 
-pytestmark = pytest.mark.skipif(pg_cluster.why_not() is not None, reason=str(pg_cluster.why_not()))
-
 PROBE_CLASSES = BASE + NEW
 
 
 @pytest.fixture(scope="session")
 def cluster():
+    reason = pg_cluster.why_not()
+    if reason:
+        pytest.skip(reason)
     c = pg_cluster.Cluster()
     yield c
     c.stop()
@@ -239,3 +241,40 @@ def test_label_with_the_store_sees_a_class_added_live(pair, banking, tmp_path):
     assert sum(r["labels"][0] == new for r in rows[:4]) >= 3
     meta = json.loads(out.with_name("out.jsonl.meta.json").read_text())
     assert meta["options"]["store_seq"] == seq and meta["options"]["store"] == pair["url"]
+
+
+def test_label_store_resume_keeps_its_seq(base_state, tmp_path, banking, embedder):
+    """A run records the store's seq; a resume after more additions labels at the same seq."""
+    import shutil
+
+    from iclcls.label import LabelOptions, label_corpus
+    from iclcls.serve.state import LiveClassifier
+    from iclcls.store.additions import Addition
+
+    train, test = banking
+    state, store = tmp_path / "state", tmp_path / "adds.sqlite"
+    shutil.copytree(base_state, state)
+
+    def add(label):
+        live = LiveClassifier(state, store=store, embedder=embedder, refresh_every_s=0)
+        try:
+            return live.add(Addition.build([(t, label) for t in train[label][:10]])).seq
+        finally:
+            live.close(final_snapshot=False)
+
+    assert add(NEW[0]) == 1
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    texts = test[NEW[0]][:3] + test[NEW[1]][:3]
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    opts = dict(store=str(store), progress=False, chunk_rows=3)
+    label_corpus(inp, state=state, out=out, options=LabelOptions(limit=3, **opts))
+    meta = json.loads(out.with_name("out.jsonl.meta.json").read_text())
+    assert meta["options"]["store_seq"] == 1 and meta["options"]["store"] == str(store)
+    assert add(NEW[1]) == 2
+    summary = label_corpus(inp, state=state, out=out, options=LabelOptions(**opts))
+    assert (summary.rows_skipped, summary.rows_done) == (3, 3)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sum(r["labels"][0] == NEW[0] for r in rows[:3]) >= 2  # added at seq 1: used
+    assert all(r["labels"][0] != NEW[1] for r in rows)  # added at seq 2: not in this output
+    fresh = label_corpus(inp, state=state, out=out, options=LabelOptions(overwrite=True, **opts))
+    assert fresh.rows_done == 6 and json.loads(out.with_name("out.jsonl.meta.json").read_text())["options"]["store_seq"] == 2
