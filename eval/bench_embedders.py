@@ -2,7 +2,8 @@
 
     .venv/bin/python eval/bench_embedders.py                       # accuracy, then speed
     .venv/bin/python eval/bench_embedders.py --part accuracy       # any time: results do not depend on load
-    .venv/bin/python eval/bench_embedders.py --part speed --wait-load 1.5 --wait-max 1200
+    .venv/bin/python eval/bench_embedders.py --part speed label --wait-load 1.5 --wait-max 1200
+    .venv/bin/python eval/bench_embedders.py --table               # the rows as a markdown table
 
 Writes eval/results/bench_embedders.json: one row per embedder spec, the two parts merged
 into the rows already there. Per row:
@@ -18,6 +19,10 @@ into the rows already there. Per row:
 - ``esco_tech_rp10`` / ``esco_tech_r50``: ESCO TECH (338 test sentences, 13,896 skills)
   retrieve-only RP@10 and R@50 (%), the label retriever with the ESCO priors (A = 10), as
   eval/configs/esco_tech_retrieve.yaml;
+- ``label_3080_s`` / ``embed_alone_3080_s`` / ``label_over_embed`` / ``label_startup_s``
+  (``--label-embedders``): `iclcls label` retriever-only on BANKING77 test against the embedder
+  alone on the same texts, fresh processes and empty caches (as eval/bench_label.py), and a
+  1-row `label` (start-up);
 - ``cosine_to_fp32``: mean (and ``cosine_to_fp32_min``) cosine of each BANKING77 test text's
   embedding to the same model's float32 PyTorch embedding.
 
@@ -176,6 +181,44 @@ def speed_part(specs: list[str], *, n: int, n_b1: int, log=print) -> dict[str, d
     return rows
 
 
+def _timed_process(cmd: list[str], cache: Path) -> float:
+    """Wall seconds of ``cmd`` in a fresh process with an empty embedding cache."""
+    cache.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "ICLCLS_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True)
+    return round(time.perf_counter() - t, 2)
+
+
+def label_part(specs: list[str], *, work: Path, log=print) -> dict[str, dict]:
+    """`iclcls label` retriever-only on BANKING77 test (3,080 rows) against the embedder alone on
+    the same texts, both fresh processes with empty caches (start-up included), as
+    eval/bench_label.py measures them; and the start-up alone (a 1-row file)."""
+    from iclcls.data import load_benchmark
+    from iclcls.programs import retriever_only
+
+    bench = load_benchmark("banking77_10shot")
+    texts = [ex.text for ex in bench.test]
+    src, one = work / "test.jsonl", work / "one.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    one.write_text(json.dumps({"text": texts[0]}) + "\n")
+    rows: dict[str, dict] = {}
+    for i, spec in enumerate(specs):
+        state = work / f"state{i}"
+        retriever_only(shortlist_k=10, embedder=spec).fit(bench.train).save(state)
+        label = [sys.executable, "-m", "iclcls.cli", "label", "--state", str(state), "--quiet", "--out"]
+        embed = [sys.executable, "-c", "import json, sys; from iclcls.embed import get_embedder; "
+                 f"get_embedder({spec!r}, cache=False).encode([json.loads(l)['text'] for l in open(sys.argv[1])])", str(src)]  # fmt: skip
+        load0 = load_now()
+        startup = _timed_process([*label, str(work / f"one{i}.jsonl"), str(one)], work / f"c{i}a")
+        label_s = _timed_process([*label, str(work / f"out{i}.jsonl"), str(src)], work / f"c{i}b")
+        embed_s = _timed_process(embed, work / f"c{i}c")
+        rows[spec] = {"label_3080_s": label_s, "embed_alone_3080_s": embed_s, "label_over_embed": round(label_s / embed_s, 2),
+                      "label_startup_s": startup, "label_load_avg_1m": [load0, load_now()]}  # fmt: skip
+        log(f"{spec:24s} {rows[spec]}")
+    return rows
+
+
 def wait_for_quiet(limit: float, max_wait: float, log=print) -> float:
     """Poll the 1-minute load average until it is below ``limit`` (or ``max_wait`` seconds pass)."""
     t0 = time.time()
@@ -204,7 +247,9 @@ def markdown_table(doc: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["all", "accuracy", "speed"], default="all")
+    ap.add_argument("--part", nargs="+", choices=["all", "accuracy", "speed", "label"], default=["all"],
+                    help="all = accuracy, then speed and label in one quiet window")
+    ap.add_argument("--label-embedders", nargs="+", default=["minilm@torch", "minilm@onnx-int8", "minilm@openvino-int8"])
     ap.add_argument("--embedders", nargs="+", default=DEFAULT_SPECS, help="embedder specs (model@backend)")
     ap.add_argument("--sentences", type=int, default=1024, help="texts per batch-64 pass")
     ap.add_argument("--sentences-b1", type=int, default=256, help="texts embedded one at a time")
@@ -235,28 +280,39 @@ def main(argv: list[str] | None = None) -> dict:
     doc = json.loads(out_path.read_text()) if out_path.is_file() else {}
     rows = {r["embedder"]: r for r in doc.get("rows", [])}
     doc.setdefault("machine", f"{os.cpu_count()} CPU cores shared with other jobs, no GPU")
-    doc["units"] = {"knn, rp10, r50": "percent", "sentences_per_s": "texts/s", "load_s, startup_s": "seconds"}
-    if args.part in ("all", "accuracy"):
-        for spec, row in accuracy_part(args.embedders).items():
+    doc["units"] = {"knn, rp10, r50": "percent", "sentences_per_s": "texts/s", "*_s": "seconds"}
+    command = "python eval/bench_embedders.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def merge(new_rows: dict[str, dict]) -> None:  # and save: a stopped run keeps its finished parts
+        for spec, row in new_rows.items():
             rows.setdefault(spec, {"embedder": spec, "backend": parse_backend_spec(spec).backend}).update(row)
-        doc["accuracy_command"] = "python eval/bench_embedders.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.part in ("all", "speed"):
-        before = wait_for_quiet(args.wait_load, args.wait_max)
-        for spec, row in speed_part(args.embedders, n=args.sentences, n_b1=args.sentences_b1).items():
-            rows.setdefault(spec, {"embedder": spec, "backend": parse_backend_spec(spec).backend}).update(row)
-        doc["speed"] = {
-            "load_avg_1m_at_start": before, "load_avg_1m_at_end": load_now(), "waited_for_below": args.wait_load,
-            "command": "python eval/bench_embedders.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "threads": "each runtime's default (torch: 2, onnxruntime: physical cores, OpenVINO: LATENCY hint)",
-        }
-        ref = {s: rows[s].get("sentences_per_s") for s in rows if s.endswith("@torch")}
+        ref = {s: r.get("sentences_per_s") for s, r in rows.items() if s.endswith("@torch")}
         for spec, row in rows.items():
             base = ref.get(reference_spec(spec))
             if base and row.get("sentences_per_s"):
                 row["speedup_vs_torch_b64"] = round(row["sentences_per_s"] / base, 2)
-    doc["rows"] = list(rows.values())
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_path, doc)
+        doc["rows"] = list(rows.values())
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_path, doc)
+
+    parts = {"accuracy", "speed", "label"} if "all" in args.part else set(args.part)
+    if "accuracy" in parts:
+        doc["accuracy_command"] = command
+        merge(accuracy_part(args.embedders))
+    if parts & {"speed", "label"}:
+        before = wait_for_quiet(args.wait_load, args.wait_max)
+        doc["speed"] = {"load_avg_1m_at_start": before, "waited_for_below": args.wait_load, "command": command,
+                        "threads": "each runtime's default (torch: 2, onnxruntime: physical cores, OpenVINO: LATENCY hint)"}  # fmt: skip
+    if "speed" in parts:
+        merge(speed_part(args.embedders, n=args.sentences, n_b1=args.sentences_b1))
+    if "label" in parts:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench_embedders.") as work:
+            merge(label_part(args.label_embedders, work=Path(work)))
+    if parts & {"speed", "label"}:
+        doc["speed"]["load_avg_1m_at_end"] = load_now()
+        merge({})
     print(f"wrote {out_path}")
     return doc
 
