@@ -30,7 +30,7 @@ import logging
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,9 +130,12 @@ class LiveClassifier:
             store = open_store(spec, writer={"host": socket.gethostname(), **dict(holder or {})})
         self.store: AdditionStore = store
         self.snapshots: Any = None
+        self.workers: Workers | None = None
         try:
             self._start(keep_snapshots, refresh_every_s, follow_poll_s)
         except BaseException:
+            if self.workers is not None:
+                self.workers.stop()
             if self.snapshots is not None:
                 self.snapshots.close()
             self.store.close()
@@ -157,13 +160,13 @@ class LiveClassifier:
         self.clf, self.snapshot_seq, self.replayed = loaded.clf, loaded.snapshot_seq, loaded.replayed
         self.applied_seq = loaded.seq
         self.view = self._make_view(self.applied_seq)
+        self.workers = Workers(self, follow_poll_s=follow_poll_s if self.store.multi_writer else None,
+                               refresh_every_s=refresh_every_s)
         if legacy is not None:
             self._import(legacy)
         self.clf.predict(["warm up"], show_progress=False)  # load lazy models now, not on a first request
         log.info("ready: %d classes, %d pool examples, seq %d (%d replayed) from store %s", len(self.view.counts),
                  self.view.pool_size, self.applied_seq, self.replayed, self.store.location)
-        self.workers = Workers(self, follow_poll_s=follow_poll_s if self.store.multi_writer else None,
-                               refresh_every_s=refresh_every_s)
         if self.replayed >= self.snapshot_every:
             self.workers.want_snapshot()
 
@@ -200,7 +203,7 @@ class LiveClassifier:
         with self._seq_cond:
             self.applied_seq, self.view = seq, view
             self._seq_cond.notify_all()
-        if seq - self.snapshot_seq >= self.snapshot_every:
+        if seq - self.snapshot_seq >= self.snapshot_every and self.workers is not None:
             self.workers.want_snapshot()
 
     # -- adding ----------------------------------------------------------------------------
@@ -322,7 +325,8 @@ class LiveClassifier:
             if rec.seq != self.applied_seq + 1:
                 self.failed = f"record seq {rec.seq} follows seq {self.applied_seq}: records are missing"
                 break
-            with self._model_lock:  # embed outside the write lock: predictions go on meanwhile
+            # a record carries its embeddings; an older one is embedded here, outside the write lock
+            with self._model_lock if "embeddings" not in rec.body else nullcontext():
                 prepared = prepare_record(self.clf, rec, where=where)
             try:
                 with self._rw.write(), self._model_lock:
@@ -368,7 +372,8 @@ class LiveClassifier:
             return seq
 
     def close(self, *, final_snapshot: bool = True) -> None:
-        self.workers.stop()
+        if self.workers is not None:
+            self.workers.stop()
         if final_snapshot:
             try:
                 self.snapshot()

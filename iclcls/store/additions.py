@@ -2,13 +2,17 @@
 
 ``Addition`` is what a client asked for (texts, labels, descriptions); its ``digest`` tells a
 retry (same body, same key) from a different request under the same idempotency key.
-``Prepared`` adds what the classifier computed for it before the write lock: embeddings (not
-logged: the embedder is deterministic) and what an LM wrote (tags, class summaries: logged, so
-replay never calls an LM and gives the same state whatever LM is configured at restart).
+``Prepared`` adds what the classifier computed for it before the write lock: embeddings and
+what an LM wrote (tags, class summaries). All are logged: replay never calls an LM and gives the
+same state whatever LM is configured at restart, and a replica following the store applies a
+record without embedding it again (no wait for the embedder behind its own classify requests,
+and bit-identical vectors on every replica). Records without embeddings (older ones) are
+embedded when applied.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Mapping
@@ -76,7 +80,7 @@ class Prepared:
                         embeddings=self.embeddings, generate=False)
 
     def record(self) -> dict[str, Any]:
-        return {
+        out = {
             "version": RECORD_VERSION,
             "examples": [
                 {"text": ex.text, "label": ex.labels[0], **({"tags": list(ex.metadata["tags"])} if "tags" in ex.metadata else {})}
@@ -85,6 +89,9 @@ class Prepared:
             "descriptions": dict(self.addition.descriptions),
             "summaries": dict(self.summaries),
         }
+        if self.embeddings is not None:
+            out["embeddings"] = encode_array(self.embeddings)
+        return out
 
     @classmethod
     def from_record(cls, body: Mapping[str, Any], where: str) -> Prepared:
@@ -99,6 +106,26 @@ class Prepared:
                 examples.append(Example(str(e["text"]), (str(e["label"]),), metadata=meta))
             addition = Addition.build(pairs, {str(k): str(v) for k, v in (body.get("descriptions") or {}).items()})
             summaries = {str(k): str(v) for k, v in (body.get("summaries") or {}).items()}
+            emb = decode_array(body["embeddings"], rows=len(examples)) if "embeddings" in body else None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"{where}: malformed addition record: {e}") from None
-        return cls(addition, tuple(examples), summaries)
+        return cls(addition, tuple(examples), summaries, emb)
+
+
+def encode_array(a: np.ndarray) -> dict[str, Any]:
+    """A float32 matrix as JSON: shape and little-endian bytes in base64 (exact, unlike decimals)."""
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return {"dtype": "float32", "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def decode_array(obj: Mapping[str, Any], *, rows: int) -> np.ndarray:
+    """The matrix ``encode_array`` wrote; checked: 2-D, ``rows`` rows, finite."""
+    if obj.get("dtype") != "float32":
+        raise ValueError(f"embeddings: dtype {obj.get('dtype')!r}, expected float32")
+    shape = [int(x) for x in obj["shape"]]
+    if len(shape) != 2 or shape[0] != rows or not 0 < shape[1] <= 65536:
+        raise ValueError(f"embeddings: shape {shape}, expected ({rows}, dim)")
+    a = np.frombuffer(base64.b64decode(obj["b64"], validate=True), dtype="<f4")
+    if a.size != shape[0] * shape[1] or not np.isfinite(a).all():
+        raise ValueError("embeddings: wrong size or not finite")
+    return a.reshape(shape).astype(np.float32)

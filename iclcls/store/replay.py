@@ -50,10 +50,17 @@ def check_pairing(store: AdditionStore, state_dir: Path, *, claim: bool) -> None
 
 
 def prepare_record(clf: Any, rec: Record, *, where: str) -> Prepared:
-    """A committed record ready to apply: parsed, and embedded with ``clf``'s embedder."""
+    """A committed record ready to apply: parsed, with its logged embeddings (checked against the
+    embedder's dimension), or embedded with ``clf``'s embedder when it has none."""
     from iclcls.embed.image import encode_examples
 
     prepared = Prepared.from_record(rec.body, where)
+    if prepared.embeddings is not None:
+        dim = getattr(clf.pool_.embedder, "dim", None)
+        if dim is not None and prepared.embeddings.shape[1] != int(dim):
+            raise StoreError(f"{where}: the record's embeddings have dimension {prepared.embeddings.shape[1]}, the "
+                             f"embedder {dim}")
+        return prepared
     try:
         emb = encode_examples(clf.pool_.embedder, list(prepared.examples))
     except Exception as e:
