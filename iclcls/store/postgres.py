@@ -86,8 +86,11 @@ class PostgresStore:
         import psycopg
 
         try:
-            return psycopg.connect(self.url, autocommit=True, connect_timeout=self._timeout,
-                                   application_name="iclcls")
+            # keepalives and an idle-in-transaction limit: a replica cut off by the network while it
+            # holds the store's order loses it within a minute instead of stalling every other writer
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=self._timeout, application_name="iclcls",
+                                   keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                                   options="-c idle_in_transaction_session_timeout=60000")
         except psycopg.Error as e:
             raise StoreError(f"{self.location}: cannot connect: {str(e).strip()}") from None
 
