@@ -95,7 +95,8 @@ def test_postgres_store_orders_writers_and_notifies(cluster):
 
 def test_a_snapshot_does_not_hold_up_classification(base_state, tmp_path, banking, embedder, monkeypatch):
     """The save holds the add lock, not the read lock: while it runs and an addition waits for it,
-    predictions still answer at once (before, a waiting addition made them wait behind the save)."""
+    predictions still answer at once (before, a waiting addition made them wait behind the save).
+    And stale stages are refreshed on a schedule, swapped in under the same lock."""
     import shutil
 
     from iclcls.serve.state import LiveClassifier
@@ -105,8 +106,19 @@ def test_a_snapshot_does_not_hold_up_classification(base_state, tmp_path, bankin
     train, test = banking
     state = tmp_path / "state"
     shutil.copytree(base_state, state)
-    live = LiveClassifier(state, store=tmp_path / "adds.sqlite", embedder=embedder, refresh_every_s=0)
+    live = LiveClassifier(state, store=tmp_path / "adds.sqlite", embedder=embedder, refresh_every_s=0.2)
     try:
+        refreshed = threading.Event()
+        real_refresh = live.clf.refresh_stale
+
+        def refresh(*, swap):  # the background refresh calls it on schedule with the state's change lock
+            with swap():
+                assert not live._add_lock.acquire(blocking=False)  # held: a snapshot sees a stage before or after
+            refreshed.set()
+            return real_refresh(swap=swap)
+
+        monkeypatch.setattr(live.clf, "refresh_stale", refresh, raising=False)
+        assert refreshed.wait(10)
         live.add(Addition.build([(t, NEW[0]) for t in train[NEW[0]][:5]]))
         real_write, saving = Snapshots.write, threading.Event()
 
