@@ -9,7 +9,8 @@ Writes eval/results/bench_embedders.json: one row per embedder spec, the two par
 into the rows already there. Per row:
 
 - ``sentences_per_s``: batches of 64 (sorted by length inside each embedder), 1,024 unique
-  BANKING77 training texts, median of 3 passes; ``sentences_per_s_b1``: 256 texts one by one;
+  BANKING77 training texts, median of 3 rounds (each round times every embedder in turn);
+  ``sentences_per_s_b1``: 256 texts one by one, likewise;
 - ``load_s``: building the embedder and its runtime in a warm process (export already made);
   ``startup_s``: a fresh ``python`` process importing iclcls, loading the embedder and
   embedding one text (what a `label` or `serve` start pays);
@@ -150,34 +151,42 @@ def startup_seconds(spec: str) -> float:
     return round(time.perf_counter() - t, 2)
 
 
-def speed_part(specs: list[str], *, n: int, n_b1: int, log=print) -> dict[str, dict]:
+def speed_part(specs: list[str], *, n: int, n_b1: int, rounds: int = 3, log=print) -> dict[str, dict]:
+    """Every embedder loaded, then ``rounds`` rounds each timing every embedder once in turn
+    (batch 64, then batch 1): the median per embedder. Interleaving keeps the ratios fair when
+    other jobs' load comes and goes during the run."""
     texts = speed_texts(n)
-    rows: dict[str, dict] = {}
+    embedders, rows = {}, {}
     for spec in specs:
-        load0 = load_now()
         t = time.perf_counter()
         emb = fresh_embedder(spec)
         emb.encode(["warm up"])  # loads the runtime (torch: the model; others: tokenizer + session)
-        load_s = time.perf_counter() - t
+        rows[spec] = {"load_s": round(time.perf_counter() - t, 2)}
         emb.encode(texts[:128], batch_size=64)
-        passes = []
-        for _ in range(3):
+        embedders[spec] = emb
+    b64: dict[str, list[float]] = {s: [] for s in specs}
+    b1: dict[str, list[float]] = {s: [] for s in specs}
+    loads = [load_now()]
+    for r in range(rounds):
+        for spec, emb in embedders.items():
             t = time.perf_counter()
             emb.encode(texts, batch_size=64)
-            passes.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        for text in texts[:n_b1]:
-            emb.encode([text], batch_size=1)
-        b1 = time.perf_counter() - t
-        rows[spec] = {
-            "sentences_per_s": round(n / statistics.median(passes), 1),
-            "sentences_per_s_b1": round(n_b1 / b1, 1),
-            "load_s": round(load_s, 2),
+            b64[spec].append(n / (time.perf_counter() - t))
+            t = time.perf_counter()
+            for text in texts[:n_b1]:
+                emb.encode([text], batch_size=1)
+            b1[spec].append(n_b1 / (time.perf_counter() - t))
+        loads.append(load_now())
+        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{s} {b64[s][-1]:.0f}/s" for s in specs) + f" (load {loads[-1]})")
+    for spec in specs:
+        rows[spec] |= {
+            "sentences_per_s": round(statistics.median(b64[spec]), 1),
+            "sentences_per_s_b1": round(statistics.median(b1[spec]), 1),
+            "sentences_per_s_rounds": [round(x, 1) for x in b64[spec]],
             "startup_s": startup_seconds(spec),
-            "speed_load_avg_1m": [load0, load_now()],
+            "speed_load_avg_1m": loads,
         }
         log(f"{spec:24s} {rows[spec]}")
-        del emb
     return rows
 
 
