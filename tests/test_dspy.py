@@ -223,9 +223,8 @@ def test_coalesced_generations_from_threads_equal_one_at_a_time(smollm):
     assert together == alone and sum(lm.batches) == 3 and max(lm.batches) >= 2
 
 
-@pytest.mark.slow
 def test_honest_compile_runs_on_the_real_smollm2(smol_dspy, sample, sample_retriever):
-    """A short real run of the compiler's control flow: zero-shot only, 4 sentences (~25 s idle)."""
+    """A short real run of the compiler's control flow: zero-shot only, 4 sentences (11 s on busy cores)."""
     from iclcls.dspy.select import HonestCompiler
 
     program = IReRa(sample_retriever, infer=Infer(max_guesses=3), rank=Rank(max_labels=3), retrieve_k=6, infer_lm=smol_dspy, rank_lm=smol_dspy)
