@@ -167,7 +167,6 @@ def _convert_openvino(source: SourceModel, base: Path | None, out: Path, calibra
 def _quantize_openvino(source: SourceModel, base: Path | None, out: Path, calibration: list[str] | None) -> None:
     """Static int8 with NNCF (weights and activations), calibrated on real sentences."""
     import nncf
-    import numpy as np
     import openvino as ov
 
     from iclcls.embed.tokens import TokenBatcher
@@ -181,7 +180,6 @@ def _quantize_openvino(source: SourceModel, base: Path | None, out: Path, calibr
         model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items),
         preset=nncf.QuantizationPreset.MIXED,
     )  # fmt: skip
-    del np
     ov.save_model(quantized, str(out / "model.xml"), compress_to_fp16=False)
 
 
