@@ -86,8 +86,11 @@ def test_postgres_store_orders_writers_and_notifies(cluster):
         waiter.join(10)
         assert woke and woke[0] - t0 < 2  # the notification woke the follower
         assert [r.seq for r in b.records_after(0)] == [1, 2, 3]
-        with a.snapshots().turn() as mine, b.snapshots().turn() as theirs:
+        sa, sb = a.snapshots(), b.snapshots()
+        with sa.turn() as mine, sb.turn() as theirs:
             assert (mine, theirs) == (True, False)  # one snapshot writer at a time
+        sa.close()
+        sb.close()
     finally:
         a.close()
         b.close()

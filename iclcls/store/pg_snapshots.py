@@ -11,6 +11,7 @@ to 1 GB: states larger than that need a shared folder instead (not built).
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 import tempfile
@@ -24,6 +25,15 @@ from iclcls.io import atomic_write_json
 from iclcls.store.snapshots import SEQ_FILE
 
 SNAPSHOT_KEY = 0x69636C0002  # pg_try_advisory_lock: one replica writes a snapshot at a time
+_PREFIX = "iclcls-pg-snapshots-"
+
+
+def _remove_orphans() -> None:
+    """Unpacked snapshots left by processes that died without ``close`` (kill -9)."""
+    for d in Path(tempfile.gettempdir()).glob(_PREFIX + "*-*"):
+        pid = d.name[len(_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 class DbSnapshots:
@@ -31,7 +41,8 @@ class DbSnapshots:
 
     def __init__(self, store: Any, *, keep: int = 2) -> None:
         self.store, self.keep = store, max(1, keep)
-        self.dir = Path(tempfile.mkdtemp(prefix="iclcls-pg-snapshots-"))
+        _remove_orphans()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         conn = self.store.connect()
