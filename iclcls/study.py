@@ -24,7 +24,6 @@ selector, shots and seed), ``OUT/summary.json``, ``OUT/report.md`` and
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path

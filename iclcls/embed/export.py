@@ -28,28 +28,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from iclcls.embed.source import SourceModel
+from iclcls.embed.source import SourceModel, exports_root
 from iclcls.embed.specs import EXPORTED_BACKENDS
-from iclcls.util import cache_dir
 
 STATIC_DIMS = 256  # model2vec PCA dimensions
 RECIPE = 1  # bump when an export recipe changes: old exports are then ignored, not reused
 MANIFEST = "export.json"
 MODEL_FILES = {"onnx": "model.onnx", "onnx-int8": "model.onnx", "openvino": "model.xml", "openvino-int8": "model.xml", "static": "model.safetensors"}
-
-
-def exports_root() -> Path:
-    """Where exports live: beside the Python environment, like the opt-in mpnet model.
-
-    Not under ``$ICLCLS_CACHE``: a fresh embedding cache (a benchmark's, a test session's) must
-    not re-export. ``$ICLCLS_MODELS/exports`` when set; else ``<sys.prefix>/share/iclcls/models/
-    exports`` when writable; else ``<iclcls cache>/embed-models``.
-    """
-    if os.environ.get("ICLCLS_MODELS"):
-        return Path(os.environ["ICLCLS_MODELS"]) / "exports"
-    beside_env = Path(sys.prefix) / "share" / "iclcls" / "models" / "exports"
-    existing = next(p for p in (beside_env, *beside_env.parents) if p.exists())
-    return beside_env if os.access(existing, os.W_OK) else cache_dir() / "embed-models"
 
 
 def export_dir(source: SourceModel, backend: str) -> Path:
@@ -218,7 +203,6 @@ def calibration_texts() -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m iclcls.embed.export minilm@onnx-int8 ...``: make exports ahead of first use."""
-    import sys
 
     from iclcls.embed import _model_folder
     from iclcls.embed.source import describe

@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from iclcls.util import cache_dir
 
 
 _SKIP_DIRS = {"onnx", "openvino", ".git"}  # exports a folder may already carry are not the source
@@ -56,12 +59,24 @@ def _content_digest(folder: Path, files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def exports_root() -> Path:
+    """Where exports live: beside the Python environment, like the opt-in mpnet model.
+
+    Not under ``$ICLCLS_CACHE``: a fresh embedding cache (a benchmark's, a test session's) must
+    not re-export. ``$ICLCLS_MODELS/exports`` when set; else ``<sys.prefix>/share/iclcls/models/
+    exports`` when writable; else ``<iclcls cache>/embed-models``.
+    """
+    if os.environ.get("ICLCLS_MODELS"):
+        return Path(os.environ["ICLCLS_MODELS"]) / "exports"
+    beside_env = Path(sys.prefix) / "share" / "iclcls" / "models" / "exports"
+    existing = next(p for p in (beside_env, *beside_env.parents) if p.exists())
+    return beside_env if os.access(existing, os.W_OK) else cache_dir() / "embed-models"
+
+
 def model_digest(folder: str | Path) -> str:
     """sha256 of a model folder's files (names and bytes), remembered by size and mtime."""
     folder = Path(folder).resolve()
     files = _files(folder)
-    from iclcls.embed.export import exports_root
-
     memo = exports_root() / "digests.json"
     fp = _fingerprint(folder, files)
     try:
