@@ -12,6 +12,7 @@ after a crash gets exactly the first answer (hence no separate ``set_response``)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -48,6 +49,18 @@ class Record:
     body: Mapping[str, Any]  # examples (text, label, tags), descriptions, summaries
     response: Mapping[str, Any]  # the first answer, without its seq
     created: float
+
+
+def record_from_row(row: tuple, location: str) -> Record:
+    """A stored row ``(seq, key, digest, body, response, created)`` as a Record; damage is a StoreError."""
+    seq, key, digest, body, response, created = row
+    try:
+        body, response = json.loads(body), json.loads(response)
+    except ValueError as e:
+        raise StoreError(f"{location}: record seq {seq} is not valid JSON ({e})") from None
+    if not isinstance(body, dict) or not isinstance(response, dict):
+        raise StoreError(f"{location}: record seq {seq} is not a JSON object")
+    return Record(int(seq), key, digest, body, response, float(created))
 
 
 @dataclass(frozen=True)

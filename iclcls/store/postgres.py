@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from iclcls.store.base import Appended, KeyConflict, Record, StoreError, StoreWriteFailed
+from iclcls.store.base import Appended, KeyConflict, Record, StoreError, StoreWriteFailed, record_from_row
 from iclcls.store.pg_snapshots import DbSnapshots
 
 FORMAT = "iclcls-additions"
@@ -141,12 +141,7 @@ class PostgresStore:
         return max(int(top), int(base) if base else 0)
 
     def _record(self, row: tuple) -> Record:
-        seq, key, digest, body, response, created = row
-        try:
-            body, response = json.loads(body), json.loads(response)
-        except ValueError as e:
-            raise StoreError(f"{self.location}: record seq {seq} is not valid JSON ({e})") from None
-        return Record(int(seq), key, digest, body, response, float(created))
+        return record_from_row(row, self.location)
 
     def records_after(self, seq: int) -> Iterator[Record]:
         rows = self._read(f"SELECT {_COLUMNS} FROM iclcls_additions WHERE seq > %s ORDER BY seq", (seq,))

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from iclcls.store.base import Appended, KeyConflict, Record, StoreError, StoreWriteFailed
+from iclcls.store.base import Appended, KeyConflict, Record, StoreError, StoreWriteFailed, record_from_row
 from iclcls.store.lock import WriterLock
 from iclcls.store.snapshots import Snapshots
 
@@ -126,14 +126,7 @@ class SQLiteStore:
             return max(int(top), int(base[0]) if base else 0)
 
     def _record(self, row: tuple) -> Record:
-        seq, key, digest, body, response, created = row
-        try:
-            body, response = json.loads(body), json.loads(response)
-        except ValueError as e:
-            raise StoreError(f"{self.path}: record seq {seq} is not valid JSON ({e})") from None
-        if not isinstance(body, dict) or not isinstance(response, dict):
-            raise StoreError(f"{self.path}: record seq {seq} is not a JSON object")
-        return Record(int(seq), key, digest, body, response, float(created))
+        return record_from_row(row, self.location)
 
     _COLUMNS = "seq, idempotency_key, digest, body, response, created"
 
