@@ -66,11 +66,16 @@ class ExportedEmbedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         self.load()
+        out = self._embed(texts, batch_size)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)  # the graph normalises; int8 drifts slightly
+        return np.ascontiguousarray(out / np.maximum(norms, 1e-12), dtype=np.float32)
+
+    def _embed(self, texts: list[str], batch_size: int | None) -> np.ndarray:
+        """Raw vectors of ``texts`` (the runtime is loaded), in order."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for idx, ids, mask in self._batcher.batches(texts, batch_size=batch_size or self.batch_size):
             out[idx] = self._run(ids, mask)
-        norms = np.linalg.norm(out, axis=1, keepdims=True)  # the graph normalises; int8 drifts slightly
-        return np.ascontiguousarray(out / np.maximum(norms, 1e-12), dtype=np.float32)
+        return out
 
     def _load(self, model_file: Path) -> Any:
         raise NotImplementedError

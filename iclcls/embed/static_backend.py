@@ -8,14 +8,12 @@ transformer per text, at a measured cost in accuracy: for very large corpora.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from iclcls.embed.exported import ExportedEmbedder
-from iclcls.embed.sentence_transformers import check_texts
 
 
 class StaticEmbedder(ExportedEmbedder):
@@ -36,19 +34,11 @@ class StaticEmbedder(ExportedEmbedder):
         self.load()
         return int(self._runtime.dim)
 
-    def encode(
-        self, texts: Sequence[str], *, batch_size: int | None = None, show_progress: bool | None = None
-    ) -> np.ndarray:
-        texts = check_texts(texts)
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        self.load()
-        vecs = np.asarray(
+    def _embed(self, texts: list[str], batch_size: int | None) -> np.ndarray:
+        return np.asarray(
             self._runtime.encode(texts, show_progress_bar=False, use_multiprocessing=False, batch_size=max(batch_size or 1024, 1)),
             dtype=np.float32,
         )
-        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-        return np.ascontiguousarray(vecs / np.maximum(norms, 1e-12), dtype=np.float32)
 
     def _load(self, model_file: Path) -> Any:  # pragma: no cover - load() is overridden
         raise NotImplementedError
