@@ -206,6 +206,7 @@ class VectorIndex:
         self._add_to(index, kind, vectors, ids)
         self._index, self._kind, self._deleted = index, kind, set()
         self._gpu_data = None
+        self._max_id = None  # a new faiss object may reuse the old one's id()
 
     @staticmethod
     def _add_to(index: Any, kind: str, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -282,9 +283,9 @@ class VectorIndex:
         """
         x = self._matrix(vectors, "vectors")
         n = len(x)
-        stored = self._stored_ids()
+        prev_max = self._max_stored_id()
         if ids is None:
-            start = int(stored.max()) + 1 if len(stored) else 0
+            start = prev_max + 1
             ids = np.arange(start, start + n, dtype=np.int64)
         ids = self._id_array(ids)
         if len(ids) != n:
@@ -297,7 +298,8 @@ class VectorIndex:
         if (counts > 1).any():
             dup = uniq[counts > 1]
             raise ValueError(f"duplicate ids within this add: {dup[:10].tolist()}")
-        clash = ids[np.isin(ids, stored)]
+        # Ids above every stored one (the usual append) cannot clash: no O(stored) check.
+        clash = ids[:0] if int(ids.min()) > prev_max else ids[np.isin(ids, self._stored_ids())]
         if len(clash):
             live = [int(i) for i in clash if int(i) not in self._deleted]
             if live:
@@ -305,14 +307,24 @@ class VectorIndex:
                     f"{len(live)} ids are already in the index (e.g. {live[:10]}); remove them first"
                 )
             self.rebuild(self._kind)  # re-adding a deleted HNSW id: drop the stale vector first
-            stored = self._stored_ids()
-        if self._kind == "flat" and len(stored) + n > self.exact_threshold:
+        if self._kind == "flat" and int(self._index.ntotal) + n > self.exact_threshold:
             old_ids, old_vecs = self.all_vectors()
             self._build("hnsw", np.concatenate([old_vecs, x]), np.concatenate([old_ids, ids]))
         else:
             self._add_to(self._index, self._kind, x, ids)
             self._gpu_data = None
+        self._max_id = (id(self._index), int(self._index.ntotal), max(prev_max, int(ids.max())))
         return ids
+
+    def _max_stored_id(self) -> int:
+        """The largest stored id (-1 when empty), cached while the faiss index is the same object
+        holding the same number of vectors (every other change recomputes it)."""
+        key = (id(self._index), int(self._index.ntotal))
+        cached = getattr(self, "_max_id", None)
+        if cached is None or cached[:2] != key:
+            stored = self._stored_ids()
+            cached = self._max_id = (*key, int(stored.max()) if len(stored) else -1)
+        return cached[2]
 
     def remove(self, ids: Any) -> int:
         """Remove ids (unknown ones are ignored); returns how many were removed."""
