@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -341,8 +342,6 @@ class ICLClassifier(BaseEstimator):
         lock) guards only the short swap, which also hands the fresh stage the additions made
         during the refit. Each stage records when it was refreshed (its ``refreshed_at``).
         """
-        from contextlib import nullcontext
-
         stage = self.selector_
         if stage is None or getattr(stage, "incremental", True) or not getattr(stage, "stale_", False):
             return []

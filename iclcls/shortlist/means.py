@@ -20,6 +20,9 @@ class ClassMeans:
     """
 
     def __init__(self, pool: Pool) -> None:
+        self._rebuild(pool)
+
+    def _rebuild(self, pool: Pool) -> None:
         labels, means = pool.class_means()
         self.labels: list[str] = labels
         self.index = {lab: i for i, lab in enumerate(labels)}
@@ -35,7 +38,7 @@ class ClassMeans:
         new = [lab for lab in touched if lab not in self.index]
         last = pool.labels.index(self.labels[-1]) if self.labels else -1
         if any(pool.labels.index(lab) < last for lab in new):
-            self.__init__(pool)  # type: ignore[misc]
+            self._rebuild(pool)
             return False
         new.sort(key=pool.labels.index)
         old = [lab for lab in touched if lab in self.index]
