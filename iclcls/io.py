@@ -13,9 +13,11 @@ still load. Where a reader outside iclcls matters more than the round trip (labe
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,6 +57,52 @@ def fsync_tree(root: str | Path) -> None:
         for name in files:
             fsync_file(Path(dirpath) / name)
         fsync_dir(dirpath)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` onto ``dst``: its files and folders are fsynced first.
+
+    An existing ``dst`` is swapped with ``src`` in one atomic ``renameat2(RENAME_EXCHANGE)``
+    (Linux), so a crash at any instant leaves either the old or the new state under ``dst``.
+    Elsewhere the old folder is moved aside, and moved back if the second rename fails.
+    """
+    src, dst = Path(src), Path(dst)
+    fsync_tree(src)
+    if dst.exists() and _exchange(src, dst):
+        fsync_dir(dst.parent)
+        shutil.rmtree(src, ignore_errors=True)  # now the old state
+        return
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)  # the previous state, unchanged
+        raise
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where unsupported."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # this filesystem cannot: fall back
+    raise OSError(err, os.strerror(err), str(b))
 
 
 @contextmanager
