@@ -1,6 +1,6 @@
 """IReRa as a DSPy program on ESCO TECH or HOUSE: retrieval alone, the uncompiled program, the compiled one.
 
-Compiles with the one-SE rule on the whole validation split (``iclcls.dspy.select``),
+Compiles with the one-SE rule on the whole validation split (``iclcls.programs.dspy.select``),
 scores a seeded test subset (n = 100 by default) and writes
 eval/results/dspy_esco_{tech,house}[_LM].json with, per system, RP@5, RP@10, R@50, the
 share of Rank outputs that parsed to no label, LM calls and seconds per sentence, and
@@ -29,7 +29,7 @@ METRICS = (("rp@5", "rp", 5), ("rp@10", "rp", 10), ("r@50", "r", 50))
 
 def per_example(gold, ranked) -> dict:
     """Per-sentence values of each reported metric (fractions)."""
-    from iclcls.dspy.select import per_example_recall, per_example_rp
+    from iclcls.programs.dspy.select import per_example_recall, per_example_rp
 
     return {name: (per_example_rp if kind == "rp" else per_example_recall)(gold, ranked, k) for name, kind, k in METRICS}
 
@@ -52,7 +52,7 @@ def load_now() -> list[float]:
 
 def run_program(program, examples, *, name: str, threads: int, log=print) -> tuple[dict, dict, list]:
     """The program on every example (``threads`` in flight): (metrics, per-example values, rows)."""
-    from iclcls.dspy.modules import map_threads
+    from iclcls.programs.dspy.modules import map_threads
 
     program.stats.reset()
     done = [0]
@@ -102,7 +102,8 @@ def main() -> None:
 
     import yaml
 
-    from iclcls.dspy.compile import LMPool, build_program, compile_split, fit_retriever, load_compile_config, load_compiled, optimize, save_compiled
+    from iclcls.experiment.compile import load_compile_config
+    from iclcls.programs.dspy.compile import LMPool, build_program, compile_split, fit_retriever, load_compiled, optimize, save_compiled
     from iclcls.experiment import load_splits
     from iclcls.io import atomic_write_json
 

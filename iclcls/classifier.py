@@ -31,14 +31,14 @@ from iclcls.embed.image import encode_examples
 from iclcls.errors import UntrustedStateError
 from iclcls.io import atomic_write_json, fsync_dir, fsync_tree, load_npy, read_json, save_npy
 from iclcls.lm import get_lm
-from iclcls.pool import Candidates, Pool, Query
+from iclcls.pool import Pool
 from iclcls.prompt import PromptBuilder
 from iclcls.rank import RANKERS, RankContext
 from iclcls.rank.base import BaseRanker
 from iclcls.registry import Registry
 from iclcls.select import SELECTORS
 from iclcls.shortlist import SHORTLISTERS
-from iclcls.types import Example, LabelSpace, Prediction, check_text
+from iclcls.types import Candidates, Example, LabelSpace, Prediction, Query, check_text
 
 FORMAT = "iclcls-classifier"
 FORMAT_VERSION = 1
@@ -272,7 +272,7 @@ class ICLClassifier(BaseEstimator):
         """Class summaries for the prompt (``prompt={"class_summaries": True}``), once per class."""
         if not getattr(self.builder_, "class_summaries", False) or self.lm_ is None:
             return
-        from iclcls.summaries import summarize_classes
+        from iclcls.infer.summaries import summarize_classes
 
         missing = [lab for lab in self.pool_.labels if lab not in self.summaries_]
         if missing:
@@ -366,7 +366,7 @@ class ICLClassifier(BaseEstimator):
         missing = sorted({ex.labels[0] for ex in examples if ex.labels} - set(self.summaries_))
         if not missing:
             return examples, {}
-        from iclcls.summaries import summarize_classes
+        from iclcls.infer.summaries import summarize_classes
 
         scratch = Pool(self.pool_.embedder)  # only these classes' new examples, as the real pool will hold them
         scratch.extend([ex for ex in examples if ex.labels and ex.labels[0] in missing])

@@ -198,7 +198,7 @@ def fit(
     out: Path = typer.Option(..., "--out", help="folder to save the fitted state to"),
 ) -> None:
     """Fit a classifier from a config (embeddings, index, tuning on validation) and save its state."""
-    from iclcls.config import FitConfig, load_config
+    from iclcls.experiment.config import FitConfig, load_config
     from iclcls.experiment import build_classifier, load_splits
 
     try:
@@ -221,7 +221,7 @@ def compile_(
 ) -> None:
     """Compile Infer-Retrieve-Rank as a DSPy program on the validation split and save it
     (DSPy JSON state + the retriever's state; no pickle)."""
-    from iclcls.dspy.compile import compile_from_config
+    from iclcls.experiment.compile import compile_from_config
 
     try:
         report = compile_from_config(config, out, data_dir=str(data_dir) if data_dir else None, log=lambda m: _say(str(m)))
@@ -246,9 +246,11 @@ def eval_(
     metrics.json, predictions.jsonl, report.md (+ plots) and the resolved config to --out."""
     import shlex
 
-    from iclcls.config import EvalConfig, load_yaml, parse
+    from iclcls.experiment.config import EvalConfig, load_yaml, parse
     from iclcls.errors import LMServerError
-    from iclcls.evaluate import ResumeError, apply_overrides, parse_assignments, run_eval, run_sweep
+    from iclcls.experiment import ResumeError, run_experiment as run_eval
+    from iclcls.experiment.config import apply_overrides, parse_assignments
+    from iclcls.experiment.sweep import run_sweep
 
     _EVAL_SHOW = ("accuracy", "micro_f1", "macro_f1", "rp@5", "rp@10", "r@10", "r@50")
     argv = ["iclcls", "eval", str(config)]
@@ -305,8 +307,8 @@ def cil(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Class-incremental learning: classes arrive task by task; evaluate on all seen classes after each task."""
-    from iclcls.config import load_yaml, parse
-    from iclcls.continual import CILConfig, run_cil
+    from iclcls.experiment.config import load_yaml, parse
+    from iclcls.experiment.continual import CILConfig, run_cil
 
     try:
         raw = load_yaml(config)
@@ -348,9 +350,9 @@ def study(
     resume) and write metrics.json, summary.json, report.md and a plot of accuracy against shots."""
     import shlex
 
-    from iclcls.config import parse_assignments
+    from iclcls.experiment.config import parse_assignments
     from iclcls.experiment import ResumeError
-    from iclcls.study import run_study
+    from iclcls.experiment.study import run_study
 
     argv = ["iclcls", "study", str(config)] + [x for s in (set_ or []) for x in ("--set", s)]
     argv += ["--out", str(out)] if out is not None else []

@@ -19,7 +19,7 @@ from iclcls.embed.base import Embedder
 from iclcls.embed.image import encode_examples
 from iclcls.index import VectorIndex
 from iclcls.io import atomic_write_bytes, atomic_write_text, load_npy, save_npy
-from iclcls.types import Candidates, Example, LabelSpace, Query  # noqa: F401  (Query, Candidates: moved to types)
+from iclcls.types import Example, LabelSpace
 
 
 class Pool:

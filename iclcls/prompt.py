@@ -109,7 +109,7 @@ class PromptBuilder:
     verbalize: Callable[[str], str] = label_text
     class_summaries: bool = False  # show the candidates' class summaries (InCA); the classifier fills ``summaries``
     summaries: Mapping[str, str] = field(default_factory=dict)
-    summary_options: Mapping[str, Any] = field(default_factory=dict)  # for iclcls.summaries.summarize_classes
+    summary_options: Mapping[str, Any] = field(default_factory=dict)  # for iclcls.infer.summaries.summarize_classes
 
     def render(self, query: str, demonstrations: Sequence[Example], candidates: Sequence[str]) -> str:
         demos = [

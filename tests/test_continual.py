@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from iclcls.cli import app
-from iclcls.continual import CILConfig, load_cil_config, run_cil
+from iclcls.experiment.continual import CILConfig, load_cil_config, run_cil
 
 CONFIG = {
     "name": "cil_sample",
@@ -91,7 +91,7 @@ def test_run_subset_of_methods(embedder, tmp_path):
 
 
 def test_fusion_curve_recomputes_accuracy_at_other_weights():
-    from iclcls.continual import fusion_curve
+    from iclcls.experiment.continual import fusion_curve
     from iclcls.types import Example, Prediction
 
     # The LM prefers b, the retriever prefers a: w=0 follows the retriever, w=1 the LM.

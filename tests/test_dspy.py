@@ -13,8 +13,8 @@ from scripted_lm import ScriptedLM  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from iclcls.cli import app  # noqa: E402
-from iclcls.dspy import Infer, IReRa, Rank, dspy_lm, served_lm  # noqa: E402
-from iclcls.dspy.lm import GuidedDecoder  # noqa: E402
+from iclcls.programs.dspy import Infer, IReRa, Rank, dspy_lm, served_lm  # noqa: E402
+from iclcls.programs.dspy.lm import GuidedDecoder  # noqa: E402
 from iclcls.metrics import one_se_choice  # noqa: E402
 from iclcls.rank.fusion import fuse_rankings  # noqa: E402
 
@@ -66,7 +66,7 @@ def test_rank_maps_to_the_label_space_counts_dropped_and_fills_in_retrieval_orde
     # without the constraint the engine still writes the JSON; the model writes the list items
     lm = dspy_lm(ScriptedLM(answers=['Track_Order", "teleport me", "refund_request"]']))
     rank = Rank(labels=SAMPLE_LABELS, constrain=False, lm=lm)
-    from iclcls.dspy.modules import StepStats
+    from iclcls.programs.dspy.modules import StepStats
 
     rank._stats.value = stats = StepStats()
     cands = ["card_lost", "refund_request", "track_order", "billing_error"]
@@ -81,7 +81,7 @@ def test_rank_maps_to_the_label_space_counts_dropped_and_fills_in_retrieval_orde
 def test_unparseable_rank_answer_is_counted_and_falls_back_to_retrieval_order():
     lm = dspy_lm(ScriptedLM(answers=["I think the answer is the first one"]))
     rank = Rank(labels=SAMPLE_LABELS, constrain=False, lm=lm)
-    from iclcls.dspy.modules import StepStats
+    from iclcls.programs.dspy.modules import StepStats
 
     rank._stats.value = stats = StepStats()
     cands = ["card_lost", "refund_request"]
@@ -130,8 +130,8 @@ def _scripted_program(sample_retriever, *, guess: str = "weather forecast for th
 
 
 def test_compiler_turns_off_useless_steps_and_the_saved_program_keeps_the_decision(sample, sample_retriever, tmp_path):
-    from iclcls.dspy.compile import ProgramOptions, load_compiled, save_compiled
-    from iclcls.dspy.select import HonestCompiler
+    from iclcls.programs.dspy.compile import ProgramOptions, load_compiled, save_compiled
+    from iclcls.programs.dspy.select import HonestCompiler
 
     program, lm = _scripted_program(sample_retriever)
     compiler = HonestCompiler(program, sample.train[:24], demo_counts=[0], weight_grid=[0, 0.5, 1], metric_k=1, threads=4)
@@ -211,8 +211,8 @@ def test_constrained_rank_outputs_are_always_candidate_labels(smol_dspy, sample,
 
 def test_coalesced_generations_from_threads_equal_one_at_a_time(smollm):
     """Threads' generations are batched into one call, with the answers of separate calls."""
-    from iclcls.dspy.lm import coalescing
-    from iclcls.dspy.modules import map_threads
+    from iclcls.programs.dspy.lm import coalescing
+    from iclcls.programs.dspy.modules import map_threads
 
     lm = coalescing(smollm)
     assert coalescing(smollm) is lm and lm.tokenizer is smollm.tokenizer
@@ -225,7 +225,7 @@ def test_coalesced_generations_from_threads_equal_one_at_a_time(smollm):
 
 def test_honest_compile_runs_on_the_real_smollm2(smol_dspy, sample, sample_retriever):
     """A short real run of the compiler's control flow: zero-shot only, 4 sentences (11 s on busy cores)."""
-    from iclcls.dspy.select import HonestCompiler
+    from iclcls.programs.dspy.select import HonestCompiler
 
     program = IReRa(sample_retriever, infer=Infer(max_guesses=3), rank=Rank(max_labels=3), retrieve_k=6, infer_lm=smol_dspy, rank_lm=smol_dspy)
     with dspy.context(adapter=dspy.JSONAdapter()):
@@ -239,7 +239,7 @@ def test_honest_compile_runs_on_the_real_smollm2(smol_dspy, sample, sample_retri
 
 
 def _tiny_config(tmp_path, **optimizer):
-    from iclcls.dspy.compile import load_compile_config
+    from iclcls.experiment.compile import load_compile_config
 
     cfg = {
         "data": {"benchmark": "sample", "validation_size": 10},
@@ -263,8 +263,9 @@ def _tiny_config(tmp_path, **optimizer):
 
 @pytest.mark.slow
 def test_tiny_program_compiles_saves_and_reloads_with_identical_predictions(smollm, sample, tmp_path):
-    from iclcls.dspy.classifier import DSPyIReRaClassifier
-    from iclcls.dspy.compile import LMPool, compile_program, load_compiled, save_compiled
+    from iclcls.programs.dspy.classifier import DSPyIReRaClassifier
+    from iclcls.experiment.compile import compile_program
+    from iclcls.programs.dspy.compile import LMPool, load_compiled, save_compiled
 
     path, cfg = _tiny_config(tmp_path)
     lms = LMPool(backends={"smollm2": smollm})
@@ -310,8 +311,8 @@ def test_compile_command_reports_bad_configs(tmp_path):
 
 
 def test_loading_refuses_foreign_folders_and_unknown_options(tmp_path):
-    from iclcls.dspy.classifier import DSPyIReRaClassifier
-    from iclcls.dspy.compile import load_compiled
+    from iclcls.programs.dspy.classifier import DSPyIReRaClassifier
+    from iclcls.programs.dspy.compile import load_compiled
 
     with pytest.raises(FileNotFoundError, match="not a compiled DSPy program"):
         load_compiled(tmp_path)
@@ -343,8 +344,8 @@ def test_served_rank_is_restricted_to_candidates_by_guided_decoding(openai_lm, s
 
 
 def test_eval_harness_builds_the_adapter_from_the_classifier_section():
-    from iclcls.config import ClassifierConfig
-    from iclcls.dspy.classifier import DSPyIReRaClassifier
+    from iclcls.experiment.config import ClassifierConfig
+    from iclcls.programs.dspy.classifier import DSPyIReRaClassifier
     from iclcls.experiment.fit import build_classifier
 
     section = ClassifierConfig(program="dspy_irera", compiled="runs/x", dspy={"rank": {"max_labels": 5}}, top_k=3, tune=True)

@@ -9,18 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iclcls.evaluate import (
-    PARTIAL,
-    ResumeError,
-    apply_overrides,
-    config_hash,
-    load_eval_config,
-    parse_assignments,
-    read_predictions,
-    run_eval,
-    run_sweep,
-    score_records,
-)
+from iclcls.experiment import PARTIAL, ResumeError, read_predictions, score_records
+from iclcls.experiment import run_experiment as run_eval
+from iclcls.experiment.config import apply_overrides, config_hash, load_eval_config, parse_assignments
+from iclcls.experiment.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -276,7 +268,7 @@ def test_tiny_lm_eval_records_demonstrations_and_prompts(tmp_path, data_dir):
 
 
 def test_fusion_curve_from_traces():
-    from iclcls.report import fusion_curve
+    from iclcls.experiment.report import fusion_curve
 
     rec = {"gold": ["a"], "trace": {"lm_score": {"a": -0.1, "b": -3.0}, "retriever_score": {"a": 0.2, "b": 0.9}}}
     curve = fusion_curve([rec, {**rec, "gold": ["b"]}], grid=3)

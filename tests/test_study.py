@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from iclcls.cli import app
-from iclcls.study import StudyOptions, load_study_config, run_study, study_points
+from iclcls.experiment.study import StudyOptions, load_study_config, run_study, study_points
 
 
 def write_config(path, **study):

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iclcls.config import ClassifierConfig, EvalConfig
+from iclcls.experiment.config import ClassifierConfig, EvalConfig
 from iclcls.experiment.splits import Splits, load_splits
 from iclcls.io import atomic_write_json, read_json
 from iclcls.types import Example
 
 # Programs that are not ICLClassifier presets but classifiers of their own with the same
-# fit/predict/decide interface, built ``from_spec(classifier section)``; named by import path so
-# the core loads them (and their libraries) only when a config asks for one.
-OTHER_CLASSIFIERS = {"dspy_irera": "iclcls.dspy.classifier:DSPyIReRaClassifier"}
+# fit/predict/decide interface, built ``from_spec(classifier section)``; imported only when a
+# config asks for one (DSPy is a heavy import).
+OTHER_CLASSIFIERS = ("dspy_irera",)
 
 
 def build_classifier(cfg: ClassifierConfig, *, lms: dict[str, Any] | None = None, quiet: bool = False) -> Any:
@@ -31,8 +30,9 @@ def build_classifier(cfg: ClassifierConfig, *, lms: dict[str, Any] | None = None
     from iclcls.programs import PROGRAMS
 
     if cfg.program in OTHER_CLASSIFIERS:
-        module, _, name = OTHER_CLASSIFIERS[cfg.program].partition(":")
-        clf = getattr(importlib.import_module(module), name).from_spec(cfg.model_dump(exclude={"tune"}, exclude_unset=True))
+        from iclcls.programs.dspy.classifier import DSPyIReRaClassifier
+
+        clf = DSPyIReRaClassifier.from_spec(cfg.model_dump(exclude={"tune"}, exclude_unset=True))
         return clf.set_params(show_progress=False) if quiet else clf
     opts = cfg.model_dump(exclude={"program", "tune"}, exclude_unset=True)
     if cfg.program:

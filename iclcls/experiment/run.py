@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from iclcls.config import EvalConfig, config_hash
+from iclcls.experiment.config import EvalConfig, config_hash
 from iclcls.experiment.checkpoint import PARTIAL, PREDICTIONS, ChunkCallback, PredictionCheckpoint, ResumeError, read_predictions
 from iclcls.experiment.fit import Prepared, prepare
 from iclcls.experiment.splits import subset

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from iclcls.config import DataConfig
+from iclcls.experiment.config import DataConfig
 from iclcls.data.benchmark import Benchmark
 from iclcls.types import Example, LabelSpace
 

@@ -14,18 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from iclcls.config import EvalConfig, apply_overrides, parse
-# The names this module offered before the core moved to iclcls.experiment (kept importable):
-from iclcls.config import config_hash, load_eval_config, parse_assignments, set_path  # noqa: F401
-from iclcls.experiment import (  # noqa: F401
-    CHECKPOINT, PARTIAL, PREDICTIONS, PredictionCheckpoint, Prepared, ResumeError, predict_with_checkpoint,
-    prediction_record, prepare, read_predictions, score_records, write_run,
-)
+from iclcls.experiment.config import EvalConfig, apply_overrides, parse
 from iclcls.experiment import RunResult, primary_metric, run_experiment
 from iclcls.io import atomic_write_json
-
-run_eval = run_experiment  # one run of a config: fit, predict with a checkpoint, score, report
-
 
 def _slug(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)

@@ -7,9 +7,9 @@ it from any iclcls LM backend, ``served_lm`` from a vLLM server with guided JSON
 beyond noise). Importing this package imports DSPy; ``import iclcls`` does not.
 """
 
-from iclcls.dspy.lm import CoalescingLM, GuidedDecoder, IclclsEngine, dspy_lm, served_lm
-from iclcls.dspy.modules import Infer, IReRa, Rank, Retrieve, StepStats, as_dspy_examples, map_threads, rp_at_k_metric
-from iclcls.dspy.select import HonestCompiler
+from iclcls.programs.dspy.lm import CoalescingLM, GuidedDecoder, IclclsEngine, dspy_lm, served_lm
+from iclcls.programs.dspy.modules import Infer, IReRa, Rank, Retrieve, StepStats, as_dspy_examples, map_threads, rp_at_k_metric
+from iclcls.programs.dspy.select import HonestCompiler
 
 __all__ = [
     "CoalescingLM",

@@ -70,7 +70,7 @@ class DSPyIReRaClassifier(BaseEstimator):
         """A step LM override: a ``dspy.BaseLM``, an iclcls spec string, or None (the saved spec)."""
         if given is None or not isinstance(given, str):
             return given
-        from iclcls.dspy.compile import LMPool
+        from iclcls.programs.dspy.compile import LMPool
 
         self._pool = getattr(self, "_pool", None) or LMPool()
         return self._pool.get(given, max_tokens=64)
@@ -81,7 +81,7 @@ class DSPyIReRaClassifier(BaseEstimator):
         """Load the compiled program (compiling and tuning are ``iclcls compile``'s job; the data here is unused)."""
         if not self.compiled:
             raise ValueError(f"program {PROGRAM_NAME!r} needs classifier.compiled: the folder written by `iclcls compile`")
-        from iclcls.dspy.compile import load_compiled
+        from iclcls.programs.dspy.compile import load_compiled
 
         if not Path(self.compiled).is_dir():
             raise FileNotFoundError(f"classifier.compiled: {self.compiled} does not exist; run `iclcls compile CONFIG --out {self.compiled}`")
@@ -106,7 +106,7 @@ class DSPyIReRaClassifier(BaseEstimator):
         if not hasattr(self, "program_"):
             raise RuntimeError("DSPyIReRaClassifier is not loaded: call fit() first")
         from iclcls.classifier import as_examples
-        from iclcls.dspy.modules import scores_for
+        from iclcls.programs.dspy.modules import scores_for
 
         out = []
         for ex in as_examples(inputs):

@@ -1,4 +1,4 @@
-"""Build, compile, save and load the IReRa DSPy program from a YAML config.
+"""Build, compile, save and load the IReRa DSPy program (``iclcls compile``'s YAML config: iclcls.experiment.compile).
 
 A compiled program is a folder, data only (no pickle):
 
@@ -26,7 +26,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from iclcls.config import DataConfig, load_yaml, parse
 from iclcls.io import atomic_write_json, read_json
 
 FORMAT = "iclcls-dspy-irera"
@@ -74,7 +73,7 @@ class OptimizerOptions(BaseModel):
     name: Literal["one_se", "bootstrap_random_search", "mipro_light", "none"] = Field(
         default="one_se",
         description="one_se: zero-shot, then more demonstrations, and the fusion weights, each kept only when "
-        "better beyond one standard error on all compile examples (iclcls.dspy.select)",
+        "better beyond one standard error on all compile examples (iclcls.programs.dspy.select)",
     )
     demo_counts: list[int] = Field(default_factory=lambda: [0, 1, 2], description="one_se: demonstrations per step of each candidate")
     folds: int = Field(default=3, ge=1, description="one_se: cross-fitting folds (demonstrations never from the scored fold)")
@@ -104,33 +103,6 @@ class ProgramOptions(BaseModel):
     optimizer: OptimizerOptions = OptimizerOptions()
 
 
-class DSPyClassifierSection(BaseModel):
-    """The ``classifier:`` section of a DSPy config: ``program: dspy_irera``, the compiled
-    folder and the program's options."""
-
-    model_config = ConfigDict(extra="allow")
-    program: Literal["dspy_irera"] = "dspy_irera"
-    compiled: str | None = None
-    dspy: ProgramOptions = ProgramOptions()
-
-
-class CompileConfig(BaseModel):
-    model_config = ConfigDict(extra="allow")  # eval: and other sections belong to other commands
-    data: DataConfig
-    classifier: DSPyClassifierSection = DSPyClassifierSection()
-
-
-def load_compile_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> CompileConfig:
-    raw = load_yaml(path)
-    for key, value in (overrides or {}).items():
-        node = raw
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return parse(CompileConfig, raw, path)
-
-
 # -- LMs -------------------------------------------------------------------------------------
 
 
@@ -144,7 +116,7 @@ class LMPool:
     def get(self, spec: str, *, max_tokens: int, cache: bool = False) -> Any:
         key = (spec, max_tokens, cache)
         if key not in self._lms:
-            from iclcls.dspy.lm import dspy_lm, served_lm
+            from iclcls.programs.dspy.lm import dspy_lm, served_lm
 
             if spec.startswith("served:"):
                 model, _, url = spec[len("served:") :].partition("@")
@@ -182,7 +154,7 @@ def fit_retriever(opts: RetrieveOptions, train: Sequence[Any], labels: Any, *, p
 
 def build_program(opts: ProgramOptions, retriever: Any, *, lms: LMPool | None = None, cache: bool = False) -> Any:
     """The IReRa program with its per-step LMs (``lms=None``: no LMs attached)."""
-    from iclcls.dspy.modules import Infer, IReRa, Rank
+    from iclcls.programs.dspy.modules import Infer, IReRa, Rank
 
     infer = rank = None
     if opts.infer.enabled:
@@ -237,7 +209,7 @@ def optimize(
     """Compile ``program`` with the configured optimizer; returns it and a JSON-able report."""
     import dspy
 
-    from iclcls.dspy.modules import as_dspy_examples, rp_at_k_metric
+    from iclcls.programs.dspy.modules import as_dspy_examples, rp_at_k_metric
 
     trainset, valset = as_dspy_examples(train), as_dspy_examples(val)
     metric = rp_at_k_metric(opt.metric_k)
@@ -248,7 +220,7 @@ def optimize(
         if opt.name == "none":
             compiled = program
         elif opt.name == "one_se":
-            from iclcls.dspy.select import HonestCompiler
+            from iclcls.programs.dspy.select import HonestCompiler
 
             compiler = HonestCompiler(
                 program,
@@ -411,48 +383,6 @@ def load_compiled(
         program.set_lms(infer=infer_lm, rank=rank_lm)
     program.options = opts  # plain attribute: not DSPy state
     return program
-
-
-# -- the command -------------------------------------------------------------------------------------
-
-
-def compile_program(cfg: CompileConfig, *, lms: LMPool | None = None, log: Any = print) -> tuple[Any, dict[str, Any]]:
-    """Load the data, fit the retriever, compile on the validation split; (program, report)."""
-    from iclcls.experiment import load_splits
-
-    opts = cfg.classifier.dspy
-    splits = load_splits(cfg.data)
-    train, val = compile_split(splits.validation, opts.optimizer, fallback=splits.train)
-    source = "validation" if any(ex.labels for ex in splits.validation) else "train"
-    log(f"data: {splits.name}; compiling on {len(train) + len(val)} examples from the {source} split")
-    retriever = fit_retriever(opts.retrieve, splits.train, splits.labels, priors=splits.priors)
-    program = build_program(opts, retriever, lms=lms or LMPool(), cache=opts.optimizer.cache)
-    task_lm = program.rank._lm.value if program.rank is not None else (program.infer._lm.value if program.infer is not None else None)
-    compiled, report = optimize(program, opts.optimizer, train, val, task_lm=task_lm, log=log)
-    report["benchmark"] = splits.name
-    report["compile_split"] = source
-    return compiled, report
-
-
-def compile_from_config(
-    config: str | Path | CompileConfig,
-    out: str | Path | None = None,
-    *,
-    data_dir: str | None = None,
-    lms: LMPool | None = None,
-    log: Any = print,
-) -> dict[str, Any]:
-    """``iclcls compile``: compile (``compile_program``) and save to ``out`` (default: classifier.compiled)."""
-    cfg = config if isinstance(config, CompileConfig) else load_compile_config(config)
-    if data_dir is not None:
-        cfg.data.data_dir = str(data_dir)
-    target = Path(out or cfg.classifier.compiled or "runs/dspy_program")
-    compiled, report = compile_program(cfg, lms=lms, log=log)
-    save_compiled(compiled, cfg.classifier.dspy, target, info={"report": report})
-    log(f"compiled in {report['seconds']} s; demos {report['demos']}; weights {report['weights']}; saved to {target}")
-    if report.get("decision"):
-        log(f"decision: {report['decision']['why']}")
-    return {"out": str(target), **report}
 
 
 def dumps(obj: Any) -> str:

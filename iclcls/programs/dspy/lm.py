@@ -194,7 +194,7 @@ class CoalescingLM:
     run as one batched call; every other call runs alone. One call at a time reaches the model.
 
     Why: DSPy calls the LM once per sentence and step. Run over many sentences on a few threads
-    (:func:`iclcls.dspy.modules.map_threads`), the Infer generations that queue while the model
+    (:func:`iclcls.programs.dspy.modules.map_threads`), the Infer generations that queue while the model
     is busy are served together: on 2 CPU cores 8 SmolLM2 generations take about 1.7x the time
     of one. Scoring gains nothing from batching on a CPU, so ``score`` calls stay one request each
     (the same numbers as unwrapped). Attributes not defined here (tokenizer, name, ...) are the

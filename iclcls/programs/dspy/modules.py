@@ -6,7 +6,7 @@
 - ``Rank``: text + candidates -> ranked labels. With ``constrain`` (default) the output
   field's type is ``list[Literal[candidates]]`` for each call, so DSPy's JSON adapter asks
   for a schema that only admits candidates (guided decoding: vLLM on the served path,
-  :class:`iclcls.dspy.lm.GuidedDecoder` on the embedded one). Written labels are mapped to
+  :class:`iclcls.programs.dspy.lm.GuidedDecoder` on the embedded one). Written labels are mapped to
   the label space (exact, then case-insensitive); what maps to nothing is dropped and
   counted; retrieval order fills the rest.
 - ``IReRa``: the three composed as in the paper, each step with its own LM if given.
@@ -397,7 +397,7 @@ class IReRa(dspy.Module):
 def map_threads(fn: Any, items: Sequence[Any], *, threads: int = 1) -> list[Any]:
     """``[fn(x) for x in items]`` on ``threads`` threads, in order, each with the caller's DSPy
     context. Concurrent LM steps then reach the model together, and a coalescing backend
-    (:class:`iclcls.dspy.lm.CoalescingLM`) serves their generations as one batch."""
+    (:class:`iclcls.programs.dspy.lm.CoalescingLM`) serves their generations as one batch."""
     import contextvars
     from concurrent.futures import ThreadPoolExecutor
 

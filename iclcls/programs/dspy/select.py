@@ -124,7 +124,7 @@ def bootstrap_demos(program: Any, pool: Sequence[Any], max_demos: int, *, metric
     """
     from dspy.teleprompt import BootstrapFewShot
 
-    from iclcls.dspy.modules import as_dspy_examples
+    from iclcls.programs.dspy.modules import as_dspy_examples
 
     student = program.deepcopy()
     teacher = program.deepcopy()
@@ -188,7 +188,7 @@ class HonestCompiler:
 
     def fold_programs(self, max_demos: int) -> list[Any]:
         """Per fold, the program with ``max_demos`` demonstrations bootstrapped from the other folds."""
-        from iclcls.dspy.modules import rp_at_k_metric
+        from iclcls.programs.dspy.modules import rp_at_k_metric
 
         if max_demos == 0:
             return [self.program] * len(self.folds)
@@ -200,7 +200,7 @@ class HonestCompiler:
 
     def _per_fold(self, programs: Sequence[Any], step: Callable[[Any, int], Any]) -> list[Any]:
         """``step(program, i)`` for every example, with its fold's program, threads within a fold."""
-        from iclcls.dspy.modules import map_threads
+        from iclcls.programs.dspy.modules import map_threads
 
         out: list[Any] = [None] * len(self.examples)
         for program, idx in zip(programs, self.folds):
