@@ -11,9 +11,9 @@ with an ID selector (results stay exactly k long, no over-fetching needed); when
 deleted ids exceed ``compact_fraction`` of the stored vectors, or a deleted id is added
 again, the index is rebuilt from its live vectors (flat or HNSW by the new size).
 
-With a CUDA device (``use_gpu="auto"`` and ``torch.cuda.is_available()``, or
-``use_gpu=True``) search is exact top-k by torch matmul on a GPU copy of the live
-vectors, whatever the size; the faiss index is still kept for saving and reconstruction.
+With a CUDA device (``use_gpu="auto"`` and one present, or ``use_gpu=True``) search is
+exact top-k by torch matmul instead (:mod:`iclcls.index.exact`); saving and loading with
+checksums is :mod:`iclcls.index.persist`.
 
 Scores: ``metric="ip"`` gives inner products (higher is better, cosine for unit
 vectors); ``metric="l2"`` gives *squared* L2 distances (lower is better). Missing
@@ -22,88 +22,17 @@ results (k larger than the index) have id -1 and score -inf (ip) or +inf (l2).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import faiss
 import numpy as np
 
-import hashlib
-
-from iclcls.io import atomic_write_bytes, atomic_write_json, read_json
+from iclcls.index.exact import cuda_present, to_device, torch_search
+from iclcls.index.persist import parse_index, read_state, write_state
 
 Metric = Literal["ip", "l2"]
-INDEX_FILE = "index.faiss"
-META_FILE = "index.json"
-FORMAT_VERSION = 1
-_GPU_SCORE_BUDGET = 2**28  # max query x vector scores held on the GPU at once (1 GiB fp32)
 _PROGRESS_MIN = 20_000  # HNSW inserts of more vectors than this show a progress bar
-
-
-def topk(scores: np.ndarray, k: int, *, largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of each row of a (n, m) (or (m,)) score matrix: (values, indices), best first.
-
-    argpartition then a sort of only k entries per row; k is clipped to m.
-    """
-    s = np.asarray(scores)
-    one = s.ndim == 1
-    s2 = s[None, :] if one else s
-    if s2.ndim != 2:
-        raise ValueError(f"scores must be 1-D or 2-D, got shape {s.shape}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    k = min(k, s2.shape[1])
-    key = -s2 if largest else s2
-    if k == 0:
-        idx = np.zeros((s2.shape[0], 0), dtype=np.int64)
-    else:
-        part = np.argpartition(key, k - 1, axis=1)[:, :k] if k < s2.shape[1] else np.tile(
-            np.arange(s2.shape[1]), (s2.shape[0], 1)
-        )
-        order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1, kind="stable")
-        idx = np.take_along_axis(part, order, axis=1).astype(np.int64)
-    vals = np.take_along_axis(s2, idx, axis=1)
-    return (vals[0], idx[0]) if one else (vals, idx)
-
-
-# What a sidecar may say: faiss allocates and loops by these numbers, so a hostile or damaged
-# sidecar must not be able to ask for a gigantic graph or an endless search.
-_SIDECAR_BOUNDS: dict[str, tuple[float, float]] = {
-    "dim": (1, 65_536),
-    "ntotal": (0, 2**40),
-    "exact_threshold": (0, 2**40),
-    "hnsw_m": (2, 256),
-    "ef_search": (1, 16_384),
-    "ef_construction": (1, 4_096),
-    "compact_fraction": (0.0, 1.0),
-}
-
-
-def _sidecar_numbers(meta: dict[str, Any], where: Path) -> dict[str, Any]:
-    """The sidecar's sizes and HNSW parameters, type- and range-checked (ValueError naming the field)."""
-    out: dict[str, Any] = {}
-    for key, (lo, hi) in _SIDECAR_BOUNDS.items():
-        value = meta[key]
-        is_float = key == "compact_fraction"
-        ok_type = isinstance(value, (int, float)) if is_float else isinstance(value, int)
-        if isinstance(value, bool) or not ok_type or not (lo <= value <= hi):
-            raise ValueError(f"{where}: {key} is {value!r}; expected {'a number' if is_float else 'an integer'} "
-                             f"in [{lo}, {hi}]")
-        out[key] = float(value) if is_float else int(value)
-    return out
-
-
-def _deleted_ids(value: Any, ntotal: int, where: Path) -> set[int]:
-    """``deleted_ids``: distinct integers, fewer than the stored vectors (else the index is empty)."""
-    if not isinstance(value, list) or len(value) > ntotal:
-        raise ValueError(f"{where}: deleted_ids must be a list of at most {ntotal} ids (ntotal)")
-    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 2**63 for i in value):
-        raise ValueError(f"{where}: deleted_ids must hold integers in [0, 2**63)")
-    ids = set(value)
-    if len(ids) != len(value):
-        raise ValueError(f"{where}: deleted_ids holds duplicates")
-    return ids
 
 
 class VectorIndex:
@@ -141,7 +70,7 @@ class VectorIndex:
         self._ef_search = int(ef_search)
         self._gpu_ok: bool | None = None if use_gpu == "auto" else bool(use_gpu)
         if use_gpu is True:
-            self._check_cuda()
+            cuda_present(required=True)
         self._gpu_data: Any = None  # (vectors, ids, sq_norms) torch tensors; rebuilt on change
         self._torch_device = "cuda"  # tests run the same torch path on "cpu"
         self._deleted: set[int] = set()
@@ -173,7 +102,7 @@ class VectorIndex:
     def ids(self) -> np.ndarray:
         """Live ids in storage order."""
         ids = self._stored_ids()
-        return ids[self._live_mask(ids)] if self._deleted else ids
+        return ids[~np.isin(ids, self.deleted_ids)] if self._deleted else ids
 
     def __len__(self) -> int:
         return int(self._index.ntotal) - len(self._deleted)
@@ -187,14 +116,11 @@ class VectorIndex:
         return f"VectorIndex(dim={self.dim}, metric={self.metric!r}, kind={self._kind!r}, n={len(self)})"
 
     # ---------------------------------------------------------------- build
-    def _faiss_metric(self) -> int:
-        return faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
-
     def _new_index(self, kind: str) -> Any:
         if kind == "flat":
             inner = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
         elif kind == "hnsw":
-            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, self._faiss_metric())
+            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2)
             inner.hnsw.efConstruction = self.ef_construction
             inner.hnsw.efSearch = self._ef_search
         else:
@@ -226,11 +152,6 @@ class VectorIndex:
     def _stored_ids(self) -> np.ndarray:
         return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
 
-    def _live_mask(self, ids: np.ndarray) -> np.ndarray:
-        if not self._deleted:
-            return np.ones(len(ids), dtype=bool)
-        return ~np.isin(ids, self.deleted_ids)
-
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of every live entry, in storage order (a copy)."""
         n = int(self._index.ntotal)
@@ -239,7 +160,7 @@ class VectorIndex:
             return ids, np.zeros((0, self.dim), dtype=np.float32)
         vecs = faiss.downcast_index(self._index.index).reconstruct_n(0, n)
         if self._deleted:
-            keep = self._live_mask(ids)
+            keep = ~np.isin(ids, self.deleted_ids)
             ids, vecs = ids[keep], vecs[keep]
         return ids, vecs
 
@@ -284,10 +205,7 @@ class VectorIndex:
         x = self._matrix(vectors, "vectors")
         n = len(x)
         prev_max = self._max_stored_id()
-        if ids is None:
-            start = prev_max + 1
-            ids = np.arange(start, start + n, dtype=np.int64)
-        ids = self._id_array(ids)
+        ids = self._id_array(np.arange(prev_max + 1, prev_max + 1 + n) if ids is None else ids)
         if len(ids) != n:
             raise ValueError(f"got {n} vectors but {len(ids)} ids")
         if n == 0:
@@ -296,16 +214,13 @@ class VectorIndex:
             raise ValueError(f"ids must be >= 0 (-1 marks a missing result); got {int(ids.min())}")
         uniq, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
-            dup = uniq[counts > 1]
-            raise ValueError(f"duplicate ids within this add: {dup[:10].tolist()}")
+            raise ValueError(f"duplicate ids within this add: {uniq[counts > 1][:10].tolist()}")
         # Ids above every stored one (the usual append) cannot clash: no O(stored) check.
         clash = ids[:0] if int(ids.min()) > prev_max else ids[np.isin(ids, self._stored_ids())]
         if len(clash):
             live = [int(i) for i in clash if int(i) not in self._deleted]
             if live:
-                raise ValueError(
-                    f"{len(live)} ids are already in the index (e.g. {live[:10]}); remove them first"
-                )
+                raise ValueError(f"{len(live)} ids are already in the index (e.g. {live[:10]}); remove them first")
             self.rebuild(self._kind)  # re-adding a deleted HNSW id: drop the stale vector first
         if self._kind == "flat" and int(self._index.ntotal) + n > self.exact_threshold:
             old_ids, old_vecs = self.all_vectors()
@@ -370,8 +285,12 @@ class VectorIndex:
         kk = min(k, n)
         if kk == 0 or nq == 0:
             return scores, labels
-        if self._gpu_enabled():
-            s, i = self._search_torch(q, kk)
+        if self._gpu_ok is None:  # "auto": decided once, on first search
+            self._gpu_ok = cuda_present()
+        if self._gpu_ok:
+            if self._gpu_data is None:  # a tensor copy of the live vectors, dropped on every change
+                self._gpu_data = to_device(*self.all_vectors(), self._torch_device)
+            s, i = torch_search(self._gpu_data, q, kk, largest=self.metric == "ip")
         else:
             s, i = self._search_faiss(q, kk)
         scores[:, :kk], labels[:, :kk] = s, i
@@ -389,178 +308,39 @@ class VectorIndex:
         del params, sel, batch
         return out
 
-    # ---------------------------------------------------------------- GPU (torch)
-    @staticmethod
-    def _check_cuda() -> None:
-        try:
-            import torch
-        except ImportError:
-            raise RuntimeError("use_gpu=True needs torch with CUDA") from None
-        if not torch.cuda.is_available():
-            raise RuntimeError("use_gpu=True but torch.cuda.is_available() is False")
-
-    def _gpu_enabled(self) -> bool:
-        if self._gpu_ok is None:  # "auto": decided once, on first search
-            if "torch" not in sys.modules and not Path("/proc/driver/nvidia/version").exists():
-                self._gpu_ok = False  # no NVIDIA driver: importing torch (seconds) to ask would be start-up wasted
-                return False
-            try:
-                import torch
-
-                self._gpu_ok = bool(torch.cuda.is_available())
-            except ImportError:
-                self._gpu_ok = False
-        return self._gpu_ok
-
-    def _search_torch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k: scores = q @ V^T (ip) or |q|^2 - 2 q.v + |v|^2 (l2), then torch.topk."""
-        import torch
-
-        if self._gpu_data is None:
-            ids, vecs = self.all_vectors()
-            v = torch.from_numpy(vecs).to(self._torch_device)
-            self._gpu_data = (v, torch.from_numpy(ids).to(self._torch_device), (v * v).sum(1))
-        v, ids_t, v_sq = self._gpu_data
-        largest = self.metric == "ip"
-        out_s = np.empty((len(q), k), dtype=np.float32)
-        out_i = np.empty((len(q), k), dtype=np.int64)
-        step = max(1, _GPU_SCORE_BUDGET // len(ids_t))
-        with torch.no_grad():
-            for s in range(0, len(q), step):
-                qt = torch.from_numpy(q[s : s + step]).to(v.device)
-                sc = qt @ v.T
-                if not largest:
-                    sc = ((qt * qt).sum(1, keepdim=True) - 2 * sc + v_sq[None, :]).clamp_min_(0)
-                vals, pos = torch.topk(sc, k, dim=1, largest=largest, sorted=True)
-                out_s[s : s + step] = vals.cpu().numpy()
-                out_i[s : s + step] = ids_t[pos].cpu().numpy()
-        return out_s, out_i
-
     # ---------------------------------------------------------------- persist
-    @staticmethod
-    def _paths(path: str | Path) -> tuple[Path, Path]:
-        p = Path(path)
-        if p.suffix == ".faiss":
-            return p, p.with_name(p.name + ".json")
-        return p / INDEX_FILE, p / META_FILE
-
     def save(self, path: str | Path) -> Path:
         """Write ``<dir>/index.faiss`` + ``<dir>/index.json`` (or ``x.faiss`` + ``x.faiss.json``).
 
         Both writes are atomic; the JSON sidecar is written last. Returns the faiss file.
         """
-        index_file, meta_file = self._paths(path)
-        index_file.parent.mkdir(parents=True, exist_ok=True)
-        data = faiss.serialize_index(self._index).tobytes()
-        atomic_write_bytes(index_file, data)
-        atomic_write_json(
-            meta_file,
-            {
-                "format": "iclcls.VectorIndex",
-                "version": FORMAT_VERSION,
-                "file_bytes": len(data),  # checked at load, before faiss parses a byte
-                "file_sha256": hashlib.sha256(data).hexdigest(),
-                "dim": self.dim,
-                "metric": self.metric,
-                "kind": self._kind,
-                "ntotal": int(self._index.ntotal),
-                "exact_threshold": self.exact_threshold,
-                "hnsw_m": self.hnsw_m,
-                "ef_search": self._ef_search,
-                "ef_construction": self.ef_construction,
-                "compact_fraction": self.compact_fraction,
-                "deleted_ids": sorted(self._deleted),
-            },
-        )
-        return index_file
+        return write_state(path, self._index, {
+            "dim": self.dim, "metric": self.metric, "kind": self._kind,
+            "exact_threshold": self.exact_threshold, "hnsw_m": self.hnsw_m, "ef_search": self._ef_search,
+            "ef_construction": self.ef_construction, "compact_fraction": self.compact_fraction,
+            "deleted_ids": sorted(self._deleted),
+        })  # fmt: skip
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        *,
-        use_gpu: bool | Literal["auto"] = "auto",
-        require_checksum: bool = False,
-        rebuild_from: np.ndarray | None = None,
-    ) -> VectorIndex:
+    def load(cls, path: str | Path, *, use_gpu: bool | Literal["auto"] = "auto", require_checksum: bool = False,
+             rebuild_from: np.ndarray | None = None) -> VectorIndex:
         """Read an index written by :meth:`save` (faiss binary + JSON; nothing is executed).
 
-        The faiss file is read once into memory, its size and SHA-256 checked against the
-        sidecar, and only those verified bytes are parsed. ``require_checksum`` refuses a
-        sidecar without them (an older or hand-made state). ``rebuild_from`` (the vectors,
-        ids 0..n-1, as a pool keeps them) rebuilds the index (flat or HNSW, as recorded, without
-        the deleted ids) from them instead of parsing the faiss bytes at all: for untrusted
-        states, since a checksum stored beside a file only proves the file was not damaged, not
-        that whoever wrote both is benign. The sidecar's numbers are range-checked either way.
+        Only bytes whose size and SHA-256 match the sidecar are parsed; ``require_checksum`` refuses a
+        sidecar without them (an older or hand-made state). ``rebuild_from`` (the vectors, ids 0..n-1,
+        as a pool keeps them) rebuilds the index as recorded, without the deleted ids, instead of
+        parsing the bytes at all: for untrusted states (see :mod:`iclcls.index.persist`).
         """
-        index_file, meta_file = cls._paths(path)
-        for f in (index_file, meta_file):
-            if f.is_symlink() or not f.is_file():
-                raise FileNotFoundError(f"{f}: missing or not a regular file (not a saved VectorIndex?)")
-        meta = read_json(meta_file)
-        if not isinstance(meta, dict) or meta.get("format") != "iclcls.VectorIndex":
-            raise ValueError(f"{meta_file}: not a VectorIndex sidecar")
-        if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_file}: unsupported version {meta.get('version')!r}")
-        try:
-            numbers = _sidecar_numbers(meta, meta_file)
-            obj = cls(
-                numbers["dim"],
-                metric=meta["metric"],
-                exact_threshold=numbers["exact_threshold"],
-                hnsw_m=numbers["hnsw_m"],
-                ef_search=numbers["ef_search"],
-                ef_construction=numbers["ef_construction"],
-                compact_fraction=numbers["compact_fraction"],
-                use_gpu=use_gpu,
-            )
-            kind, ntotal = str(meta["kind"]), numbers["ntotal"]
-            deleted = _deleted_ids(meta["deleted_ids"], ntotal, meta_file)
-        except KeyError as e:
-            raise ValueError(f"{meta_file}: missing field {e.args[0]!r}") from None
-        if kind not in ("flat", "hnsw"):
-            raise ValueError(f"{meta_file}: kind {kind!r} is not 'flat' or 'hnsw'")
-        data = index_file.read_bytes()
-        size, digest = meta.get("file_bytes"), meta.get("file_sha256")
-        if size is None or digest is None:
-            if require_checksum:
-                raise ValueError(
-                    f"{meta_file}: records no size and SHA-256 of {index_file.name}; refusing to parse an "
-                    "unverified faiss file (re-save the state with this iclcls, or load it trusted)"
-                )
-        elif len(data) != size or hashlib.sha256(data).hexdigest() != digest:
-            raise ValueError(
-                f"{index_file}: {len(data)} bytes with SHA-256 {hashlib.sha256(data).hexdigest()[:16]}..., but "
-                f"{meta_file.name} recorded {size} bytes, {str(digest)[:16]}...: the file was changed or damaged"
-            )
-        if rebuild_from is not None:  # untrusted: never parse the bytes, rebuild (flat or HNSW) from the vectors
-            vectors = np.asarray(rebuild_from, dtype=np.float32)
-            if vectors.ndim != 2 or len(vectors) != ntotal or (len(vectors) and vectors.shape[1] != obj.dim):
-                raise ValueError(f"{meta_file}: {ntotal} vectors of dim {obj.dim}, but {vectors.shape} given to rebuild from")
-            ids = np.arange(len(vectors), dtype=np.int64)
-            live = ~np.isin(ids, np.fromiter(deleted, dtype=np.int64, count=len(deleted)))
-            obj._build(kind, np.ascontiguousarray(vectors[live]), ids[live])
-            obj.ef_search = obj._ef_search
-            return obj
-        try:
-            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        except RuntimeError as e:
-            raise ValueError(f"{index_file}: not a faiss index ({str(e).splitlines()[0][:200]})") from None
-        problems = []
-        if not isinstance(index, faiss.IndexIDMap2):
-            problems.append(f"type {type(index).__name__} (expected IndexIDMap2)")
-        if index.d != obj.dim:
-            problems.append(f"dim {index.d} (sidecar says {obj.dim})")
-        if index.ntotal != ntotal:
-            problems.append(f"{index.ntotal} vectors (sidecar says {ntotal})")
-        if index.metric_type != obj._faiss_metric():
-            problems.append(f"metric type {index.metric_type} (sidecar says {obj.metric})")
-        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
-        expected = faiss.IndexHNSWFlat if kind == "hnsw" else faiss.IndexFlat
-        if inner is not None and not isinstance(inner, expected):
-            problems.append(f"inner index {type(inner).__name__} (sidecar says {kind})")
-        if problems:
-            raise ValueError(f"{index_file}: does not match {meta_file}: " + "; ".join(problems))
-        obj._index, obj._kind, obj._deleted = index, kind, deleted
+        saved = read_state(path, require_checksum=require_checksum)
+        obj = cls(**saved.settings, use_gpu=use_gpu)
+        if rebuild_from is None:
+            obj._index, obj._kind, obj._deleted = parse_index(saved), saved.kind, saved.deleted
+        else:  # untrusted: never parse the bytes, rebuild (flat or HNSW) from the vectors
+            vectors, n = np.asarray(rebuild_from, dtype=np.float32), saved.ntotal
+            if vectors.ndim != 2 or len(vectors) != n or (n and vectors.shape[1] != obj.dim):
+                raise ValueError(f"{saved.meta_file}: {n} vectors of dim {obj.dim}, but {vectors.shape} given to rebuild from")
+            ids = np.arange(n, dtype=np.int64)
+            live = ~np.isin(ids, np.fromiter(saved.deleted, dtype=np.int64, count=len(saved.deleted)))
+            obj._build(saved.kind, np.ascontiguousarray(vectors[live]), ids[live])
         obj.ef_search = obj._ef_search
         return obj
