@@ -22,13 +22,20 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 
 
-def fsync_file(path: str | Path) -> None:
-    """Flush a written file's data to the disk (a rename alone may land before the data)."""
+def fsync_file(path: str | Path | int | IO[Any]) -> None:
+    """Flush a written file's data to the disk (a rename alone may land before the data): a
+    file named by its path, an open file (its buffer flushed first) or a file descriptor."""
+    if hasattr(path, "fileno"):
+        path.flush()
+        path = path.fileno()
+    if isinstance(path, int):
+        os.fsync(path)
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

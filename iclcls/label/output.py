@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from iclcls.io import atomic_path, atomic_write_json, fsync_dir, read_json, strict_json
+from iclcls.io import atomic_path, atomic_write_json, fsync_dir, fsync_file, read_json, strict_json
 from iclcls.label.readers import LabelInputError
 
 META_FORMAT = "iclcls-label"
@@ -92,7 +91,7 @@ class JsonlSink:
             # The old rows go first (truncated and fsynced), then the new sidecar: a crash between
             # leaves an empty OUT under the old sidecar, never old rows under the new fingerprint.
             self._f = open(self.out, "wb")
-            _fsync(self._f)
+            fsync_file(self._f)
             fsync_dir(self.out.parent)
             atomic_write_json(mp, meta)
             return
@@ -121,8 +120,7 @@ class JsonlSink:
             for lineno, line in enumerate(f, 1):
                 if not line.endswith(b"\n"):  # a kill mid-write: drop the torn line
                     f.truncate(good_end)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    fsync_file(f)
                     break
                 good_end += len(line)
                 if not line.strip():
@@ -148,7 +146,7 @@ class JsonlSink:
             return
         assert self._f is not None, "open() first"
         self._f.write("".join(row_json(r) + "\n" for r in rows).encode("utf-8"))
-        _fsync(self._f)
+        fsync_file(self._f)
         self.rows_written += len(rows)
 
     def close(self) -> None:
@@ -197,11 +195,6 @@ def row_json(row: Mapping[str, Any]) -> str:
     """One output row as strict JSON: a non-finite score (a shortlist shorter than k) is null,
     never a bare ``-Infinity`` that strict JSON readers refuse."""
     return strict_json(row, nonfinite="null", ensure_ascii=False)
-
-
-def _fsync(f: IO[bytes]) -> None:
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from iclcls.io import fsync_file
 from iclcls.store.base import StoreLocked
 
 
@@ -40,7 +41,7 @@ class WriterLock:
                 **dict(holder or {})}
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(info).encode("utf-8"), 0)
-        os.fsync(self._fd)
+        fsync_file(self._fd)
 
     def _read(self) -> dict[str, Any]:
         try:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from iclcls.io import atomic_write_json, fsync_dir, fsync_tree, read_json
+from iclcls.io import atomic_write_json, fsync_dir, fsync_tree, read_json, replace_dir
 
 SEQ_FILE = "serve_seq.json"
 
@@ -94,6 +94,4 @@ class Snapshots:
             tmp = self.dir / f".{target.name}.import"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(source, tmp)
-            fsync_tree(tmp)
-            tmp.rename(target)
-            fsync_dir(self.dir)
+            replace_dir(tmp, target)  # fsynced, then renamed into place
