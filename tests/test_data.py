@@ -22,7 +22,7 @@ from iclcls.data import (
     load_hf_dataset,
     resolve_data_dir,
 )
-from iclcls.data.errors import DataWarning
+from iclcls.errors import DataWarning
 from iclcls.types import Example, LabelSpace
 
 # name: (train, validation, test, labels), from ../shared/data/README.md

@@ -7,7 +7,7 @@ Local files are read by ``tables.read_table`` (csv/json modules, pyarrow for Par
 
 from iclcls.data import intents, goemotions, esco, sample  # noqa: F401, I001  (registers the benchmarks, in this order)
 from iclcls.data.benchmark import Benchmark, benchmark_names, load_benchmark, resolve_data_dir
-from iclcls.data.errors import DataError, DataWarning
+from iclcls.errors import DataError, DataWarning
 from iclcls.data.files import load_examples
 from iclcls.data.hub import load_hf_dataset
 from iclcls.data.images import load_image_folder

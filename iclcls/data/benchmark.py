@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iclcls.data.errors import DataError
+from iclcls.errors import DataError
 from iclcls.types import Example, LabelSpace
 
 SPLITS = ("train", "validation", "test")

@@ -31,9 +31,9 @@ import re
 from pathlib import Path
 
 from iclcls.data.benchmark import Benchmark, register, source
-from iclcls.data.errors import DataError, check_utf8
 from iclcls.data.records import build_examples
 from iclcls.data.tables import read_table
+from iclcls.errors import DataError, check_utf8
 from iclcls.types import Example, LabelSpace
 
 NO_LABEL = frozenset({"LABEL NOT PRESENT", "UNDERSPECIFIED"})

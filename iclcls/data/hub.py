@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from iclcls.data.errors import DataError
 from iclcls.data.records import OnBad, build_examples
+from iclcls.errors import DataError
 from iclcls.types import Example
 
 _TRUE = {"1", "true", "yes", "on"}

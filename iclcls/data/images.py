@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from iclcls.data.errors import DataError
 from iclcls.data.records import OnBad, split_labels
+from iclcls.errors import DataError
 from iclcls.types import Example, LabelSpace
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")

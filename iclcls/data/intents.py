@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from iclcls.data.benchmark import Benchmark, register, source
-from iclcls.data.errors import DataError
 from iclcls.data.records import build_examples
 from iclcls.data.tables import read_table, table_examples
+from iclcls.errors import DataError
 from iclcls.types import Example, LabelSpace
 
 OOS = "oos"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from iclcls.data.errors import DataError, DataWarning
+from iclcls.errors import DataError, DataWarning
 from iclcls.types import Example, LabelSpace
 
 OnBad = Literal["error", "skip"]

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from iclcls.data.errors import DataError, check_utf8, require_file
 from iclcls.data.records import build_examples
+from iclcls.errors import DataError, check_utf8, require_file
 from iclcls.types import Example, LabelSpace
 
 Format = Literal["csv", "tsv", "jsonl", "json", "parquet"]

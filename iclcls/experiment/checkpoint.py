@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from iclcls.errors import ConfigError
 from iclcls.io import atomic_write_json, atomic_write_text, fsync_dir, fsync_file, read_json
 from iclcls.types import Example, Prediction
 
@@ -27,7 +28,7 @@ PREDICTIONS = "predictions.jsonl"
 ChunkCallback = Callable[[list[int]], None]
 
 
-class ResumeError(RuntimeError):
+class ResumeError(ConfigError, RuntimeError):
     """The run directory holds state that does not belong to this config (or is damaged)."""
 
 
@@ -152,7 +153,7 @@ class PredictionCheckpoint:
             for s in range(0, len(todo), step):
                 idx = todo[s : s + step]
                 t0 = time.time()
-                preds = classifier.predict([examples[i] for i in idx], show_progress=False)
+                preds = classifier.predict_detailed([examples[i] for i in idx], show_progress=False)
                 per = round((time.time() - t0) / len(idx), 4)
                 self.append([{**prediction_record(i, examples[i], p, classifier.decide(p)), "seconds": per} for i, p in zip(idx, preds)])
                 bar.update(len(idx))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from iclcls.errors import DataError
 from iclcls.types import check_text
 
 Format = Literal["jsonl", "csv", "tsv", "parquet", "txt"]
@@ -32,7 +33,7 @@ SUFFIXES: dict[str, Format] = {
 }
 
 
-class LabelInputError(ValueError):
+class LabelInputError(DataError):
     """The input cannot be labelled as asked; the message names the file and what is wrong."""
 
 

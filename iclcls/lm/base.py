@@ -15,15 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from iclcls.errors import CapabilityError  # noqa: F401  (part of the contract: backends raise it)
+
 # A chat message: {"role": "user"|"system"|"assistant", "content": str | list[part]};
 # a part is {"type": "text", "text": ...} or {"type": "image", "image": path|url|bytes}.
 Message = dict[str, Any]
 Conversation = Sequence[Message]
 ScoreRequest = tuple[str, Sequence[str]]
-
-
-class CapabilityError(RuntimeError):
-    """A backend cannot do what was asked (e.g. images on a text-only model, no prompt logprobs)."""
 
 
 class BaseLM(ABC):

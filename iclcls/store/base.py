@@ -18,8 +18,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from iclcls.errors import IclclsError
 
-class StoreError(RuntimeError):
+
+class StoreError(IclclsError, RuntimeError):
     """The store cannot be used (damaged, made for another state, unreadable)."""
 
 

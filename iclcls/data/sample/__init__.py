@@ -9,11 +9,11 @@ import json
 from pathlib import Path
 
 from iclcls.data.benchmark import Benchmark, register
-from iclcls.data.errors import DataError, check_utf8
 from iclcls.data.records import build_examples
+from iclcls.errors import DataError, check_utf8
 from iclcls.types import Example, LabelSpace
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parent
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
