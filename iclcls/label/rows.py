@@ -137,8 +137,8 @@ def _predict_contained(clf: Any, texts: list[str], embeddings: np.ndarray | None
         return []
     try:
         if embeddings is not None:
-            return list(clf.predict_detailed(texts, show_progress=False, embeddings=embeddings))
-        return list(clf.predict_detailed(texts, show_progress=False))
+            return list(clf.predict(texts, show_progress=False, embeddings=embeddings))
+        return list(clf.predict(texts, show_progress=False))
     except Exception as batch_error:  # noqa: BLE001 - isolate the failing rows below
         if is_outage(batch_error):
             raise _Outage(batch_error, []) from batch_error
@@ -147,7 +147,7 @@ def _predict_contained(clf: Any, texts: list[str], embeddings: np.ndarray | None
     out: list[Any] = []
     for t in texts:
         try:
-            out.extend(clf.predict_detailed([t], show_progress=False))
+            out.extend(clf.predict([t], show_progress=False))
         except Exception as e:  # noqa: BLE001 - becomes this row's error, unless the server is down
             if is_outage(e):
                 raise _Outage(e, out) from e
