@@ -76,7 +76,7 @@ def client(clf, lock, texts: list[str], stop: threading.Event, out: list[float],
     while not stop.is_set() and len(out) < limit:
         t = time.perf_counter()
         with lock.read():
-            clf.predict([texts[i % len(texts)]], show_progress=False)
+            clf.predict_detailed([texts[i % len(texts)]], show_progress=False)
         out.append(time.perf_counter() - t)
         i += 1
 
@@ -100,7 +100,7 @@ def bench_size(n_classes: int, args) -> dict:
     fit_s = time.perf_counter() - t
     print(f"[{n_classes}] fitted in {fit_s:.1f} s", flush=True)
     lock = RWLock()
-    clf.predict(queries[:8], show_progress=False)  # warm-up
+    clf.predict_detailed(queries[:8], show_progress=False)  # warm-up
     rewhitens = clf.shortlister_.rewhitens_
     # Concurrent client during the additions.
     adding: list[float] = []

@@ -66,7 +66,7 @@ def make_classifier(lm, embedder, train, args):
 
 def timed_predict(clf, texts):
     start = time.perf_counter()
-    preds = clf.predict(texts)
+    preds = clf.predict_detailed(texts)
     return preds, time.perf_counter() - start
 
 
@@ -177,7 +177,7 @@ def engine_profile(engine, preds, n_seqs: int = 20) -> dict:
 
 def bench_engine(engine, embedder, train, test, args) -> dict:
     clf = make_classifier(engine, embedder, train, args)
-    clf.predict([e.text for e in test[:2]])  # warm-up (not timed)
+    clf.predict_detailed([e.text for e in test[:2]])  # warm-up (not timed)
     preds, seconds = timed_predict(clf, [e.text for e in test])
     r = row("vllm_engine", len(test), seconds, accuracy(preds, test), sum(p.prompt_tokens for p in preds),
             start_s=round(engine.start_seconds, 1), last_score_stats=dict(engine.last_score_stats))
@@ -213,7 +213,7 @@ def bench_server(handle, embedder, train, test, args) -> dict:
     lm = OpenAICompatibleLM(handle.base_url, handle.model, timeout=600, concurrency=args.concurrency)
     try:
         clf = make_classifier(lm, embedder, train, args)
-        clf.predict([e.text for e in test[:2]])
+        clf.predict_detailed([e.text for e in test[:2]])
         preds, seconds = timed_predict(clf, [e.text for e in test])
         r = row("vllm_server", len(test), seconds, accuracy(preds, test), sum(p.prompt_tokens for p in preds),
                 start_s=round(handle.start_seconds, 1), concurrency=args.concurrency)
@@ -277,7 +277,7 @@ def main() -> None:
         lm = TransformersLM.from_name("smollm2", **opts)
         device = str(getattr(lm, "device", "cpu"))
         clf = make_classifier(lm, embedder, train, args)
-        clf.predict([e.text for e in test[:2]])  # warm-up (not timed)
+        clf.predict_detailed([e.text for e in test[:2]])  # warm-up (not timed)
         if server is not None:  # loaded meanwhile; idle while the other systems are timed
             server.wait_ready(timeout=1200)
             log(f"server ready in {server.start_seconds:.1f} s")

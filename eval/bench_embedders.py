@@ -82,7 +82,7 @@ def knn_accuracy(spec: str, dataset: str) -> float:
 
     bench = load_benchmark(f"{dataset}_10shot")
     clf = retriever_only(shortlist="knn_vote", embedder=spec, show_progress=False).fit(bench.train, tune="none")
-    preds = clf.predict(bench.test, show_progress=False)
+    preds = clf.predict_detailed(bench.test, show_progress=False)
     return round(100 * float(np.mean([p.label == e.label for p, e in zip(preds, bench.test)])), 2)
 
 
@@ -97,7 +97,7 @@ def esco_tech(spec: str) -> dict[str, float]:
         shortlist={"name": "label_retriever", "priors": bench.priors, "prior_a": 10.0},
         shortlist_k=50, multi_label=True, embedder=spec, show_progress=False,
     ).fit([], labels=bench.labels, tune="none")  # fmt: skip
-    preds = clf.predict(test, show_progress=False)
+    preds = clf.predict_detailed(test, show_progress=False)
     gold, ranked = [list(ex.labels) for ex in test], [list(p.labels) for p in preds]
     return {"esco_tech_rp10": round(100 * rp_at_k(gold, ranked, 10), 2), "esco_tech_r50": round(100 * recall_at_k(gold, ranked, 50), 2), "esco_tech_n": len(test)}
 

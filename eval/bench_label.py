@@ -9,8 +9,8 @@ the 10-shot pool, shortlist of 10):
 
 - ``label``: ``iclcls label test.jsonl --state S --out OUT`` (the new streaming path);
 - ``predict`` (the pre-change behaviour, emulated): read every row into memory with
-  ``load_examples``, ``clf.predict(all)`` at the state's batch size (16 texts per embedder
-  call), then ``dump_predictions`` and one atomic write at the end -- what ``iclcls
+  ``load_examples``, ``clf.predict_detailed(all)`` at the state's batch size (16 texts per embedder
+  call), then JSON lines and one atomic write at the end -- what ``iclcls
   predict`` did before ``label`` replaced it;
 - ``embed``: the embedder alone on the same texts (no cache), model load included;
 - ``rss_mb``: ``iclcls label`` on 10^3/10^4/10^5 rows cycling over the unique BANKING77
@@ -92,13 +92,13 @@ def label_cmd(src: Path, state: Path, out: Path, *extra: str) -> list[str]:
 
 WORKER = {
     "predict": """
-import sys
-from iclcls.classifier import ICLClassifier, dump_predictions
+import json, sys
+from iclcls.classifier import ICLClassifier
 from iclcls.data import load_examples
 from iclcls.io import atomic_write_text
 clf = ICLClassifier.load(sys.argv[1])
 examples = load_examples(sys.argv[2], text_field="text", label_field=None)
-atomic_write_text(sys.argv[3], dump_predictions(clf.predict(examples, show_progress=False)))
+atomic_write_text(sys.argv[3], "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\\n" for p in clf.predict_detailed(examples, show_progress=False)))
 """,
     "embed": """
 import json, sys

@@ -54,9 +54,9 @@ def time_tiny_vlm(examples: list[Example], embedder, n: int, *, shots: int = 4, 
         clf = ICLClassifier(lm=lm, embedder=embedder, shortlist="knn_vote", shortlist_k=shortlist_k, select="knn",
                             shots=shots, rank="chat", show_progress=False)
         clf.fit(pool, tune="none")
-        clf.predict(test[:2])  # warm-up
+        clf.predict_detailed(test[:2])  # warm-up
         t0 = time.perf_counter()
-        preds = clf.predict(test[2 : 2 + n])
+        preds = clf.predict_detailed(test[2 : 2 + n])
         dt = time.perf_counter() - t0
     return {
         "backend": "transformers (TransformersVLM, CPU, float32)", "queries": len(preds), "shots": shots,

@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         r = retriever_only(shortlist=spec, shortlist_k=args.shortlist_k, embedder=args.embedder).fit(bench.train, tune="none")
         held, cv = r.cross_val_predict(bench.train, size=args.cv_size, seed=args.seed)
         cv_acc[name] = accuracy(cv, held)
-        retr_preds[name] = r.predict(test)
+        retr_preds[name] = r.predict_detailed(test)
         out[name] = accuracy(retr_preds[name], test)
     # The pipeline's shortlister, picked on the pool, never on test (1-NN is a baseline only: one
     # neighbour gives the LM a single candidate).

@@ -77,9 +77,9 @@ def demo(
         clf = knn_fusion(lm=lm, shots=shots, shortlist_k=shortlist_k, show_progress=True).fit(bench.train)
     _say(f"fitted in {time.time() - t0:.1f} s (embeddings, index, pools; no LM training)")
     t0 = time.time()
-    preds = clf.predict(bench.test)
+    preds = clf.predict_detailed(bench.test)
     elapsed = time.time() - t0
-    retr_preds = retr.predict(bench.test)
+    retr_preds = retr.predict_detailed(bench.test)
     table = Table(title="predictions (first rows)", show_lines=True)
     for col in ("text", "gold", "top labels (fused score)", "examples the LM read"):
         table.add_column(col, overflow="fold")

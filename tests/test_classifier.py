@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from iclcls import Example, ICLClassifier, LabelSpace
+from iclcls import Example, ICLClassifier, LabelSpace, NotFittedError
 from iclcls.cli import app
 from iclcls.data import load_benchmark
 from iclcls.experiment import subset
@@ -31,7 +31,7 @@ def banking(data_dir):
 def test_retriever_only_fit_predict_and_prediction_contents(sample):
     clf = retriever_only(shortlist_k=4).fit(sample.train)
     assert clf.fit(sample.train) is clf
-    preds = clf.predict(sample.test)
+    preds = clf.predict_detailed(sample.test)
     acc = np.mean([p.label == e.label for p, e in zip(preds, sample.test)])
     assert acc >= 0.7, acc
     p = preds[0]
@@ -46,11 +46,11 @@ def test_predict_with_precomputed_embeddings_is_the_same(sample):
     texts = [e.text for e in sample.test]
     emb = clf.embed_queries(texts)
     assert emb.shape == (len(texts), clf.pool_.dim)
-    a, b = clf.predict(texts), clf.predict(texts, embeddings=emb)
+    a, b = clf.predict_detailed(texts), clf.predict_detailed(texts, embeddings=emb)
     assert [p.labels for p in a] == [p.labels for p in b]
     assert all(np.allclose(x.scores, y.scores) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="embeddings for"):
-        clf.predict(texts, embeddings=emb[:-1])
+        clf.predict_detailed(texts, embeddings=emb[:-1])
 
 
 def test_save_load_round_trip_is_identical_and_atomic(sample, tmp_path):
@@ -63,7 +63,7 @@ def test_save_load_round_trip_is_identical_and_atomic(sample, tmp_path):
     assert {p.name for p in out.iterdir()} >= {"config.json", "pool"}
     assert not list(tmp_path.glob(".state.*")), "no temporary folders left behind"
     again = ICLClassifier.load(out)
-    a, b = clf.predict(sample.test), again.predict(sample.test)
+    a, b = clf.predict_detailed(sample.test), again.predict_detailed(sample.test)
     assert [x.labels for x in a] == [x.labels for x in b]
     assert np.allclose([x.scores for x in a], [x.scores for x in b])
     assert again.get_params()["shortlist_k"] == 3
@@ -89,19 +89,19 @@ def test_load_rejects_foreign_or_corrupt_state(sample, tmp_path):
 def test_bad_input_is_named(sample):
     clf = retriever_only().fit(sample.train)
     with pytest.raises(ValueError, match="input 1 is empty or whitespace"):
-        clf.predict(["fine", "   "])
+        clf.predict_detailed(["fine", "   "])
     with pytest.raises(TypeError, match="input 0 must be a str or Example"):
-        clf.predict([3])
+        clf.predict_detailed([3])
     with pytest.raises(ValueError, match="empty label space"):
         ICLClassifier(rank="retriever").fit([])
     with pytest.raises(ValueError, match=r"example 0 has labels \['card_lost'\] that are not in the given label space"):
         ICLClassifier(rank="retriever").fit([Example("lost card", ("card_lost",))], labels=["other"])
-    with pytest.raises(RuntimeError, match="not fitted"):
-        ICLClassifier().predict(["x"])
+    with pytest.raises(NotFittedError, match="not fitted"):
+        ICLClassifier().predict_detailed(["x"])
     with pytest.raises(ValueError, match="need an LM"):
         ICLClassifier(rank="likelihood").fit(sample.train)
     # A query whose gold label was never seen at fit time is still classified (into known labels).
-    p = clf.predict([Example("please cancel my brokerage account", ("close_brokerage",))])[0]
+    p = clf.predict_detailed([Example("please cancel my brokerage account", ("close_brokerage",))])[0]
     assert p.label in clf.classes_ and "close_brokerage" not in clf.classes_
 
 
@@ -109,7 +109,7 @@ def test_unmappable_lm_answer_falls_back_to_retriever_order_flagged(sample):
     lm = ScriptedLM(answers=[" zzqx vvv"])
     clf = ICLClassifier(lm=lm, rank="generative", shortlist_k=3, shots=2).fit(sample.train)
     retr = retriever_only(shortlist_k=3).fit(sample.train)
-    p, r = clf.predict(sample.test[:1])[0], retr.predict(sample.test[:1])[0]
+    p, r = clf.predict_detailed(sample.test[:1])[0], retr.predict_detailed(sample.test[:1])[0]
     assert p.trace["unmapped_answer"] is True
     assert list(p.labels) == list(r.labels)
     assert len(p.demonstrations) == 2 and "Input: " in lm.prompts[0]
@@ -131,7 +131,7 @@ def test_real_lm_pipeline_beats_chance_and_reports_what_it_used(smollm, banking)
     train, test, val = banking
     clf = knn_fusion(lm=smollm, shots=4, shortlist_k=10).fit(train, validation=val)
     assert 0.0 <= clf.ranker_.weight <= 1.0 and "fusion_weight" in clf.tuned_
-    preds = clf.predict(test)
+    preds = clf.predict_detailed(test)
     lm_top = [max(p.trace["lm_score"], key=p.trace["lm_score"].get) for p in preds]
     lm_acc = np.mean([t == e.label for t, e in zip(lm_top, test)])
     assert lm_acc >= 0.4, f"SmolLM2 over a 10-label shortlist should be far above chance (0.1): {lm_acc}"
@@ -148,7 +148,7 @@ def test_text_longer_than_the_context_window_is_truncated_and_flagged(sample):
     small = TransformersLM("smollm2", context_window=160)
     clf = ICLClassifier(lm=small, shortlist_k=3, shots=4, prompt={"max_query_chars": 100_000}).fit(sample.train)
     long_text = "I want to know where my card is. " * 300
-    p = clf.predict([long_text])[0]
+    p = clf.predict_detailed([long_text])[0]
     assert p.prompt_tokens <= 160 - clf.label_token_reserve
     assert p.trace["query_truncated_chars"] < len(long_text)
     assert p.trace["dropped_demonstrations"] == 4 and p.demonstrations == ()
@@ -158,7 +158,7 @@ def test_text_longer_than_the_context_window_is_truncated_and_flagged(sample):
 @pytest.mark.slow
 def test_retrieval_icl_generative_with_real_lm(smollm, sample):
     clf = retrieval_icl(lm=smollm, shots=4, shortlist_k=4).fit(sample.train)
-    preds = clf.predict(sample.test[:6])
+    preds = clf.predict_detailed(sample.test[:6])
     for p in preds:
         assert p.trace["ranker"] == "generative" and set(p.labels) >= set(p.candidates)
     mapped = sum(not p.trace.get("unmapped_answer") for p in preds)

@@ -294,7 +294,7 @@ def test_tiny_program_compiles_saves_and_reloads_with_identical_predictions(smol
     # the same folder as a classifier for the eval harness
     clf = DSPyIReRaClassifier(compiled=str(out), lm="smollm2")
     clf._pool = lms
-    preds = clf.fit().predict(texts[:1])
+    preds = clf.fit().predict_detailed(texts[:1])
     assert list(preds[0].labels) == before[0].ranking and set(preds[0].candidates) == set(before[0].candidates)
     assert preds[0].trace["lm_calls"] == {"infer": 1, "retrieve": 0, "rank": 1}
     assert clf.decide(preds[0]) and set(clf.decide(preds[0])) <= set(preds[0].candidates)

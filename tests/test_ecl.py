@@ -180,7 +180,7 @@ def test_recall_and_accuracy_on_real_subset(clinc_subset, embedder):
     ecl = _ecl_clf(embedder).fit(train)
     mean = ICLClassifier(embedder=embedder, shortlist="class_mean", shortlist_k=5, select=None, rank="retriever").fit(train)
     gold = [ex.label for ex in test]
-    ecl_preds, mean_preds = ecl.predict(test), mean.predict(test)
+    ecl_preds, mean_preds = ecl.predict_detailed(test), mean.predict_detailed(test)
     recall = np.mean([g in p.candidates[:5] for g, p in zip(gold, ecl_preds)])
     acc_ecl = np.mean([g == p.label for g, p in zip(gold, ecl_preds)])
     acc_mean = np.mean([g == p.label for g, p in zip(gold, mean_preds)])
@@ -200,10 +200,10 @@ def test_add_classes_reaches_new_classes_and_keeps_old_predictions(clinc_subset,
     old_test = [ex for ex in test if ex.label not in new]
     new_test = [ex for ex in test if ex.label in new]
     clf = _ecl_clf(embedder, rewhiten="deferred", drift_tol=1.0).fit(old_train)
-    before = [p.label for p in clf.predict(old_test)]
+    before = [p.label for p in clf.predict_detailed(old_test)]
     st = clf.shortlister_.stats_
     counts, sums, pool_size = st.counts.copy(), st.sums.copy(), len(clf.pool_)
-    assert not any(p.label in new for p in clf.predict(new_test))  # unknown before
+    assert not any(p.label in new for p in clf.predict_detailed(new_test))  # unknown before
     clf.add_classes(new_train, descriptions={labels[-1]: "a newly added intent"})
     assert len(clf.pool_) == pool_size + len(new_train)  # the demonstration pool grew in place
     assert set(new) <= set(clf.classes_)
@@ -211,19 +211,19 @@ def test_add_classes_reaches_new_classes_and_keeps_old_predictions(clinc_subset,
     st = clf.shortlister_.stats_
     np.testing.assert_array_equal(st.counts[: len(counts)], counts)  # old classes' statistics untouched
     np.testing.assert_array_equal(st.sums[: len(counts)], sums)
-    preds_new = clf.predict(new_test)
+    preds_new = clf.predict_detailed(new_test)
     assert np.mean([ex.label in p.candidates[:5] for ex, p in zip(new_test, preds_new)]) >= 0.9
     assert np.mean([ex.label == p.label for ex, p in zip(new_test, preds_new)]) >= 0.8
-    after = [p.label for p in clf.predict(old_test)]
+    after = [p.label for p in clf.predict_detailed(old_test)]
     changed = [(b, a) for b, a in zip(before, after) if a != b]
     # Deferred whitening: an old-class prediction changes only when a new class wins it.
     assert all(a in new for _, a in changed), changed
     assert len(changed) <= 0.05 * len(old_test)
     # Eager re-whitening moves the shared covariance a little: old-class accuracy barely changes.
     eager = _ecl_clf(embedder, rewhiten="eager").fit(old_train)
-    acc_before = np.mean([ex.label == p.label for ex, p in zip(old_test, eager.predict(old_test))])
+    acc_before = np.mean([ex.label == p.label for ex, p in zip(old_test, eager.predict_detailed(old_test))])
     eager.add_classes(new_train)
-    acc_after = np.mean([ex.label == p.label for ex, p in zip(old_test, eager.predict(old_test))])
+    acc_after = np.mean([ex.label == p.label for ex, p in zip(old_test, eager.predict_detailed(old_test))])
     assert abs(acc_after - acc_before) <= 0.03
 
 
@@ -288,7 +288,7 @@ def test_tags_input_with_real_lm(smollm, embedder, tmp_path):
     if ex0.metadata["tags"]:
         v = embedder.encode(ex0.metadata["tags"]).mean(0)
         assert not np.allclose(v, clf.pool_.embeddings[0], atol=1e-3)
-    preds = clf.predict(["someone took my credit card"])
+    preds = clf.predict_detailed(["someone took my credit card"])
     assert preds[0].trace["infer"] and len(preds[0].candidates) == 3
     clf.save(tmp_path / "s")
     loaded = ICLClassifier.load(tmp_path / "s", lm=smollm, embedder=embedder)
@@ -309,7 +309,7 @@ def test_class_summaries_in_the_prompt(smollm, embedder, tmp_path):
     assert sum(s.startswith("They are all about ") for s in clf.summaries_.values()) >= 1, clf.summaries_
     clf.add_classes(TINY[4:], summaries={"reset_password": "The user cannot log in and wants a new password."})
     assert clf.summaries_["reset_password"] == "The user cannot log in and wants a new password."
-    pred = clf.predict(["I can't remember my password"])[0]
+    pred = clf.predict_detailed(["I can't remember my password"])[0]
     prompt = pred.trace["prompt"]
     shown = [c for c in pred.candidates if clf.summaries_.get(c)]
     assert shown and "What the labels mean:" in prompt

@@ -121,7 +121,7 @@ def test_classifier_with_int8_embedder_saves_and_loads_untrusted(int8_state, sam
     assert json.loads((state / "config.json").read_text())["embedder_name"] == "st:all-MiniLM-L6-v2@onnx-int8"
     loaded = ICLClassifier.load(state)  # untrusted by default: the spec is a known offline name
     assert loaded.embedder_.name == "st:all-MiniLM-L6-v2@onnx-int8"
-    assert [p.labels for p in loaded.predict(sample.test)] == [p.labels for p in clf.predict(sample.test)]
+    assert [p.labels for p in loaded.predict_detailed(sample.test)] == [p.labels for p in clf.predict_detailed(sample.test)]
 
 
 @pytest.mark.parametrize("spec", ["/tmp/evil-model@onnx-int8", "../models/m@openvino", "org/model@onnx"])
@@ -147,7 +147,7 @@ def test_static_embedder_distilled_offline(sample, sentences):
     assert vecs.shape == (len(sentences), 256)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     clf = retriever_only(shortlist="knn_vote", shortlist_k=3, embedder="minilm@static").fit(sample.train, tune="none")
-    acc = np.mean([p.label == ex.label for p, ex in zip(clf.predict(sample.test), sample.test)])
+    acc = np.mean([p.label == ex.label for p, ex in zip(clf.predict_detailed(sample.test), sample.test)])
     assert acc >= 0.5, acc
 
 
@@ -161,7 +161,7 @@ def test_int8_state_predicts_in_a_process_that_never_imports_torch(int8_state, s
     code = (
         "import sys; from iclcls import ICLClassifier; "
         f"clf = ICLClassifier.load({str(state)!r}); "
-        f"print(clf.predict([{sample.test[0].text!r}])[0].label, 'torch' in sys.modules)"
+        f"print(clf.predict_detailed([{sample.test[0].text!r}])[0].label, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "False", out.stdout + out.stderr

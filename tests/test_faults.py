@@ -72,7 +72,7 @@ def test_slow_server_hits_the_per_request_timeout_and_names_the_url(sample):
         # The same through a classifier: the error reaches the caller, nothing is made up.
         clf = ICLClassifier(lm=lm, rank="generative", shots=1, shortlist_k=3).fit(sample.train)
         with pytest.raises(ServerError, match=rf"{url}/tokenize: timed out"):
-            clf.predict(["I lost my card"])
+            clf.predict_detailed(["I lost my card"])
     finally:
         stop(proc)
 
@@ -88,7 +88,7 @@ def fitted(sample):
 def _same_state(d: Path, clf: ICLClassifier, sample) -> None:
     again = ICLClassifier.load(d)
     assert len(again.pool_) == len(clf.pool_)
-    a, b = clf.predict(sample.test), again.predict(sample.test)
+    a, b = clf.predict_detailed(sample.test), again.predict_detailed(sample.test)
     assert [x.labels for x in a] == [x.labels for x in b]
 
 

@@ -147,7 +147,7 @@ INPUT = st.one_of(TEXT, TEXT.map(lambda t: Example(t)), st.sampled_from(["", "  
 def test_predict_on_hostile_text(retriever, inputs):
     _ran("predict.hostile_text")
     try:
-        preds = retriever.predict(inputs, show_progress=False)
+        preds = retriever.predict_detailed(inputs, show_progress=False)
     except ValueError as e:  # documented: an empty or whitespace input, named by position
         assert "is empty or whitespace" in str(e)
         assert any(isinstance(x, str) and not x.strip() for x in inputs)
@@ -161,16 +161,16 @@ def test_predict_on_hostile_text(retriever, inputs):
 def test_predict_on_megabyte_strings(retriever):
     _ran("predict.megabyte")
     big = ("I lost my card 🙂 \u202eedcba\u202c " * 40_000)[:1_000_000]
-    preds = retriever.predict([big, Example(big + " \u2028 \x7f"), "fine"], show_progress=False)
+    preds = retriever.predict_detailed([big, Example(big + " \u2028 \x7f"), "fine"], show_progress=False)
     assert len(preds) == 3 and all(p.labels for p in preds)
     # A NUL (cut by C tokenizers and log readers) is refused at the boundary, naming the input.
     with pytest.raises(ValueError, match="input 1: contains a NUL character at character 1000000"):
-        retriever.predict([big, Example(big + "\x00")], show_progress=False)
+        retriever.predict_detailed([big, Example(big + "\x00")], show_progress=False)
 
 
 def test_predict_rejects_a_non_text_input_with_a_type_error(retriever):
     with pytest.raises(TypeError, match="input 1 must be a str or Example"):
-        retriever.predict(["ok", 3])
+        retriever.predict_detailed(["ok", 3])
 
 
 # -- the generative ranker's parser ------------------------------------------------------------------

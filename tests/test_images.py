@@ -273,7 +273,7 @@ def test_classifier_ranks_image_queries_through_the_vlm_chat(vlm, digits):
     clf = ICLClassifier(lm=vlm, embedder="pixels", shortlist="knn_vote", shortlist_k=4, select="knn", shots=3,
                         rank="likelihood", show_progress=False)
     clf.fit(pool, tune="none")
-    preds = clf.predict(test[:4])
+    preds = clf.predict_detailed(test[:4])
     for p in preds:  # ranked by each candidate's log-likelihood as the reply, images in the prompt
         assert p.trace["rank"] == "chat" and p.trace["chat_scored"]
         assert sorted(p.labels) == sorted(p.candidates) and list(p.scores) == sorted(p.scores, reverse=True)
@@ -281,7 +281,7 @@ def test_classifier_ranks_image_queries_through_the_vlm_chat(vlm, digits):
     # constrained generation (chat with choices) gives the top label of that ranking
     clf.set_params(rank={"name": "chat", "scored": False})
     clf.fit(pool, tune="none")
-    again = clf.predict(test[:4])
+    again = clf.predict_detailed(test[:4])
     for p, q in zip(again, preds):
         assert p.trace["chat_constrained"] and not p.trace["chat_scored"]
         assert p.label == q.label and p.trace["chat_answer"] == p.label
@@ -301,7 +301,7 @@ def test_batched_chat_puts_several_query_images_in_one_call(digits):
     clf = ICLClassifier(lm=lm, embedder="pixels", shortlist="all", select="fixed", shots=2, show_progress=False,
                         rank={"name": "batched_chat", "queries_per_call": 3, "retries": 0})
     clf.fit(pool, tune="none")
-    preds = clf.predict(test[:3])
+    preds = clf.predict_detailed(test[:3])
     assert len(lm.prompts) == 1  # one call for three queries
     assert lm.prompts[0].count("data:image/png;base64,") == 2 + 3  # the demonstrations once, then each query
     assert [p.label for p in preds[:1]] == ["3"] and preds[1].label == "5"
@@ -315,5 +315,5 @@ def test_batched_chat_through_the_vlm(vlm, digits):
     clf = ICLClassifier(lm=vlm, embedder="pixels", shortlist="knn_vote", shortlist_k=3, select="fixed", shots=2,
                         show_progress=False, rank={"name": "batched_chat", "queries_per_call": 2, "retries": 0})
     clf.fit(pool, tune="none")
-    preds = clf.predict(test[:4])
+    preds = clf.predict_detailed(test[:4])
     assert all(p.label in {str(d) for d in range(10)} and p.trace["attempts"] == 1 for p in preds)

@@ -43,7 +43,7 @@ def test_classes_added_one_by_one_equal_a_fit_on_everything(banking, embedder, s
     for g, f in zip(grown.shortlist_candidates(texts), full.shortlist_candidates(texts)):
         assert g.labels == f.labels
         np.testing.assert_allclose(g.scores, f.scores, atol=1e-5)
-    gp, fp = grown.predict(texts), full.predict(texts)
+    gp, fp = grown.predict_detailed(texts), full.predict_detailed(texts)
     assert [p.labels for p in gp] == [p.labels for p in fp]
     assert [p.demonstrations for p in gp] == [p.demonstrations for p in fp]
 

@@ -71,7 +71,7 @@ def test_jsonl_rows_carry_ids_labels_scores_text_and_match_predict(tmp_path, sta
     rows = read_rows(out)
     assert (s.rows_done, s.rows_failed, s.rows_skipped) == (24, 0, 0)
     assert [r["id"] for r in rows] == [f"q{i}" for i in range(24)]
-    expected = clf.predict(texts, show_progress=False)
+    expected = clf.predict_detailed(texts, show_progress=False)
     for r, p, t in zip(rows, expected, texts):
         assert r["labels"] == list(p.labels) and r["text"] == t and len(r["scores"]) == len(r["labels"]) == 5
         assert r["scores"] == pytest.approx(list(p.scores), abs=1e-5)
@@ -513,12 +513,12 @@ def test_predict_and_fit_refuse_bad_text_naming_the_index(clf, banking):
     from iclcls.programs import retriever_only
 
     with pytest.raises(ValueError, match=r"input 1: contains a lone surrogate '\\ud800' at character 2"):
-        clf.predict(["card lost", "ab\ud800cd"])
+        clf.predict_detailed(["card lost", "ab\ud800cd"])
     with pytest.raises(ValueError, match="input 0: contains a NUL character at character 3"):
-        clf.predict([Example("nul\x00byte")])
+        clf.predict_detailed([Example("nul\x00byte")])
     train = list(banking.train[:30])
     with pytest.raises(ValueError, match="fit: example 2: contains a lone surrogate"):
         retriever_only().fit(train[:2] + [Example("x\udc80y", train[2].labels)] + train[3:])
     with pytest.raises(ValueError, match="fit: example 0 label 0: contains a NUL"):
         retriever_only().fit([Example(train[0].text, ("lab\x00el",))] + train[1:])
-    assert clf.predict(["card lost"])[0].labels  # good text is untouched
+    assert clf.predict_detailed(["card lost"])[0].labels  # good text is untouched

@@ -217,7 +217,7 @@ def test_a_plain_script_without_a_main_guard_classifies_with_the_engine(tmp_path
 
         data = load_benchmark("sample")
         clf = ICLClassifier(lm="vllm:{smollm2_hf_dir}", shortlist_k=3, shots=2).fit(data.train)
-        preds = clf.predict([e.text for e in data.test[:2]])
+        preds = clf.predict_detailed([e.text for e in data.test[:2]])
         print("IN_PROCESS", clf.lm_.in_process)
         print("LABELS", json.dumps([p.label for p in preds]))
         print("CLASSES", json.dumps(sorted(clf.classes_)))

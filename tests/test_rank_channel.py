@@ -48,7 +48,7 @@ def test_each_class_prompt_is_scored_once_per_batch_with_its_queries(embedder):
     lm = OverlapLM()
     clf = _fitted(lm, embedder)
     queries = ["the card did not arrive", "top up failed again", "exchange rate please"]
-    preds = clf.predict(queries)
+    preds = clf.predict_detailed(queries)
     assert [p.label for p in preds] == ["card_arrival", "top_up_failed", "exchange_rate"]
     prompts = [p for p, _ in lm.score_requests]
     assert len(prompts) == len(set(prompts)) == 3, "one request per class for the whole batch"
@@ -64,7 +64,7 @@ def test_each_class_prompt_is_scored_once_per_batch_with_its_queries(embedder):
     assert len(shown) == 2 and {clf.pool_.examples[i].text for i in shown} < {e.text for e in TRAIN[:3]}
     assert p.trace["lm_score"]["card_arrival"] == pytest.approx(max(p.trace["lm_score"].values()))
     unequal = OverlapLM()
-    _fitted(unequal, embedder, equal_shots=False).predict(queries[:1])
+    _fitted(unequal, embedder, equal_shots=False).predict_detailed(queries[:1])
     card = next(p for p, _ in unequal.score_requests if p.startswith("Label: card arrival"))
     assert card.count("Input: ") == 3
 
@@ -118,7 +118,7 @@ def test_real_smollm_channel_scores_are_the_query_likelihood_after_each_class(ba
     clf = knn_channel(lm=smollm, embedder=embedder, shortlist_k=4).fit(train, tune="none")
     clf.ranker_.weight = 1.0  # the channel score alone
     smollm.clear_prefix_cache()
-    preds = clf.predict(test)
+    preds = clf.predict_detailed(test)
     # Every class prompt was prefilled once and kept for the next batch.
     labels = {lab for p in preds for lab in p.candidates}
     assert len(smollm._prefixes) == len(labels)
@@ -135,7 +135,7 @@ def test_real_smollm_channel_scores_are_the_query_likelihood_after_each_class(ba
     # A GPU's way (all classes in one batched call, no per-class prefix) scores the same.
     smollm.prefer_batched_requests = True
     try:
-        batched = clf.predict(test[:4])
+        batched = clf.predict_detailed(test[:4])
     finally:
         smollm.prefer_batched_requests = False
     for b, p in zip(batched, preds[:4]):
@@ -144,4 +144,4 @@ def test_real_smollm_channel_scores_are_the_query_likelihood_after_each_class(ba
     # Saved and loaded untrusted, the preset predicts the same.
     clf.save(tmp_path / "state")
     again = ICLClassifier.load(tmp_path / "state", lm=smollm)
-    assert [p.label for p in again.predict(test[:4])] == [p.label for p in preds[:4]]
+    assert [p.label for p in again.predict_detailed(test[:4])] == [p.label for p in preds[:4]]

@@ -260,7 +260,7 @@ def test_many_shot_prompts_share_a_prefix_that_the_lm_reuses(banking, embedder, 
     clf = ICLClassifier(select={"name": "many_shot", "order": "class_balanced"}, batch_size=2, **kwargs)
     clf.fit(banking.train)
     smollm.clear_prefix_cache()
-    preds = clf.predict(test)
+    preds = clf.predict_detailed(test)
     prompts = [p.trace["prompt"] for p in preds]
     demos = {tuple(d.text for d in p.demonstrations) for p in preds}
     assert len(demos) == 1 and len(demos.pop()) == 6
@@ -283,7 +283,7 @@ def test_many_shot_prompts_share_a_prefix_that_the_lm_reuses(banking, embedder, 
             assert np.allclose(x, y, atol=2e-3)
     knn = ICLClassifier(select="knn", **kwargs).fit(banking.train)
     smollm.clear_prefix_cache()
-    knn.predict(test[:2])
+    knn.predict_detailed(test[:2])
     assert not smollm._prefixes, "per-query demonstrations: no shared prefix is passed"
 
 
@@ -322,7 +322,7 @@ def test_batched_generative_ranker_answers_several_queries_per_call(banking, emb
 
     smollm.generate = counting
     try:
-        preds = clf.predict(test)
+        preds = clf.predict_detailed(test)
     finally:
         del smollm.generate
     assert calls[0] == 1, "three queries, one prompt"

@@ -39,7 +39,7 @@ def _classify(lm, embedder, banking):
         lm=lm, embedder=embedder, shortlist="knn_vote", shortlist_k=SHORTLIST, select="knn",
         shots=SHOTS, rank="likelihood", batch_size=N_QUERIES, show_progress=False,
     ).fit(train)
-    return clf, clf.predict([e.text for e in test])
+    return clf, clf.predict_detailed([e.text for e in test])
 
 
 @pytest.fixture(scope="module")

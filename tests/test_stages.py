@@ -157,7 +157,7 @@ def test_label_retriever_uses_guesses_and_priors(embedder):
 
     clf = ICLClassifier(shortlist="label_retriever", rank="retriever", select=None, shortlist_k=3)
     clf.fit([], labels=LabelSpace(["python programming", "cooking pasta", "driving a truck"]))
-    assert clf.predict(["we need a senior python developer"])[0].label == "python programming"
+    assert clf.predict_detailed(["we need a senior python developer"])[0].label == "python programming"
     q = Query(Example("job ad"), embedder.encode(["job ad"])[0], ("truck driver",), embedder.encode(["truck driver"]))
     sl = get_shortlister("label_retriever").fit(clf.pool_)
     assert sl.shortlist([q], 1)[0].labels == ["driving a truck"]

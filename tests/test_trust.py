@@ -51,7 +51,7 @@ def set_params(d, **params):
 
 def test_clean_state_loads_and_predicts(state, sample):
     clf = ICLClassifier.load(state)
-    assert clf.predict(sample.test[:2])[0].labels
+    assert clf.predict_detailed(sample.test[:2])[0].labels
 
 
 def test_openai_endpoint_refused_unless_trusted_or_overridden(state):
@@ -113,7 +113,7 @@ def test_template_file_refused_and_sandboxed_when_trusted(state, tmp_path, sampl
 
     clf = ICLClassifier.load(state, lm=ScriptedLM(), trust=True)
     with pytest.raises(SecurityError):
-        clf.predict(sample.test[:1])
+        clf.predict_detailed(sample.test[:1])
     set_params(state, prompt={"summary_options": {"template": "../x"}})
     with pytest.raises(UntrustedStateError, match=r"prompt\.summary_options\.template"):
         ICLClassifier.load(state)
@@ -220,7 +220,7 @@ def test_untrusted_flat_index_is_rebuilt_from_embeddings_not_parsed(state, sampl
     monkeypatch.setattr(faiss, "deserialize_index", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
     clf = ICLClassifier.load(state)
     assert not calls  # the bytes were never handed to faiss
-    assert clf.predict(sample.test[:3])[0].labels
+    assert clf.predict_detailed(sample.test[:3])[0].labels
     monkeypatch.undo()
     with pytest.raises(ValueError, match="not a faiss index"):
         ICLClassifier.load(state, trust=True)  # trusted: parsed, and the junk is caught
@@ -248,9 +248,9 @@ def test_known_embedder_names_and_an_override_load(state, sample):
 
     assert all(map(is_known_embedder, ["default", "st:all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "mpnet", "pixels", "pixels:8x8:RGB"]))
     set_params(state, embedder="st:all-MiniLM-L6-v2")
-    assert ICLClassifier.load(state).predict(sample.test[:1])[0].labels
+    assert ICLClassifier.load(state).predict_detailed(sample.test[:1])[0].labels
     set_params(state, embedder="st:../models")
-    assert ICLClassifier.load(state, embedder=get_embedder("default")).predict(sample.test[:1])[0].labels
+    assert ICLClassifier.load(state, embedder=get_embedder("default")).predict_detailed(sample.test[:1])[0].labels
 
 
 @pytest.fixture
@@ -277,7 +277,7 @@ def test_untrusted_hnsw_index_is_rebuilt_from_embeddings_not_parsed(hnsw_state, 
     monkeypatch.setattr(faiss, "deserialize_index", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
     back = ICLClassifier.load(state)
     assert not calls and back.pool_.index.kind == "hnsw" and len(back.pool_.index) == len(clf.pool_)
-    assert [p.labels for p in back.predict(sample.test[:5])] == [p.labels for p in clf.predict(sample.test[:5])]
+    assert [p.labels for p in back.predict_detailed(sample.test[:5])] == [p.labels for p in clf.predict_detailed(sample.test[:5])]
 
 
 @pytest.mark.parametrize(

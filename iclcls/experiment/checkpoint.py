@@ -153,7 +153,7 @@ class PredictionCheckpoint:
             for s in range(0, len(todo), step):
                 idx = todo[s : s + step]
                 t0 = time.time()
-                preds = classifier.predict([examples[i] for i in idx], show_progress=False)
+                preds = classifier.predict_detailed([examples[i] for i in idx], show_progress=False)
                 per = round((time.time() - t0) / len(idx), 4)
                 self.append([{**prediction_record(i, examples[i], p, classifier.decide(p)), "seconds": per} for i, p in zip(idx, preds)])
                 bar.update(len(idx))

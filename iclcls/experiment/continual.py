@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from iclcls.errors import ConfigError
 from iclcls.experiment.config import ClassifierConfig, DataConfig, load_yaml, parse
 from iclcls.experiment import build_classifier, load_splits, remember_lm, subset
 from iclcls.experiment.report import figure, fmt, markdown_table, pyplot, save_png
@@ -72,7 +73,7 @@ def load_cil_config(path: str | Path) -> CILConfig:
 
 def _evaluate(clf: Any, examples: list[Example], k: int) -> tuple[list[str | None], list[bool], list[Any]]:
     """Top-1 predictions, whether the gold label is in the first k shortlisted candidates, the predictions."""
-    preds = clf.predict(examples, show_progress=False) if examples else []
+    preds = clf.predict_detailed(examples, show_progress=False) if examples else []
     top1 = [p.label for p in preds]
     hit = [ex.label in p.candidates[:k] for ex, p in zip(examples, preds)]
     return top1, hit, preds
@@ -229,7 +230,7 @@ def run_cil(
     tasks = class_incremental_tasks(splits.labels, n_tasks=cfg.tasks, seed=cfg.task_seed)
     methods = [m for m in cfg.methods if only is None or m.name in only]
     if only is not None and cfg.primary not in [m.name for m in methods]:
-        raise ValueError(f"the primary method {cfg.primary!r} must be among the methods run")
+        raise ConfigError(f"the primary method {cfg.primary!r} must be among the methods run")
     lms: dict[str, Any] = {}
     results = {}
     for m in methods:

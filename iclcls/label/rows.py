@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from iclcls.errors import LMBackendError, LMServerError
+from iclcls.errors import ConfigError, LMBackendError, LMServerError
 from iclcls.label.readers import Record
 
 # HTTP statuses that say "the server (or the path to it) is unavailable", not "this prompt is bad".
@@ -69,7 +69,7 @@ def prepare(clf: Any, *, chunk_rows: int) -> Any:
 def check_row_options(clf: Any, opts: RowOptions) -> None:
     """Refuse options the loaded state cannot serve (before OUT is touched)."""
     if opts.alpha is not None and not ((getattr(clf, "tuned_", None) or {}).get("conformal") or {}).get("n"):
-        raise ValueError("--alpha needs a state with conformal calibration: fit it again (fit calibrates by "
+        raise ConfigError("--alpha needs a state with conformal calibration: fit it again (fit calibrates by "
                          "cross-validation unless tune='none')")
 
 
@@ -137,8 +137,8 @@ def _predict_contained(clf: Any, texts: list[str], embeddings: np.ndarray | None
         return []
     try:
         if embeddings is not None:
-            return list(clf.predict(texts, show_progress=False, embeddings=embeddings))
-        return list(clf.predict(texts, show_progress=False))
+            return list(clf.predict_detailed(texts, show_progress=False, embeddings=embeddings))
+        return list(clf.predict_detailed(texts, show_progress=False))
     except Exception as batch_error:  # noqa: BLE001 - isolate the failing rows below
         if is_outage(batch_error):
             raise _Outage(batch_error, []) from batch_error
@@ -147,7 +147,7 @@ def _predict_contained(clf: Any, texts: list[str], embeddings: np.ndarray | None
     out: list[Any] = []
     for t in texts:
         try:
-            out.extend(clf.predict([t], show_progress=False))
+            out.extend(clf.predict_detailed([t], show_progress=False))
         except Exception as e:  # noqa: BLE001 - becomes this row's error, unless the server is down
             if is_outage(e):
                 raise _Outage(e, out) from e

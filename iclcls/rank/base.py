@@ -7,7 +7,7 @@ Rankers that learn from validation data (fusion weight, multi-label threshold) i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -40,15 +40,34 @@ class Ranking:
 @runtime_checkable
 class Ranker(Protocol):
     needs_lm: bool
+    needs_prompts: bool  # the classifier builds prompts (with demonstrations) for it
+    reads_images: bool  # False: queries with images go to the chat ranker instead
 
     def rank(self, ctx: RankContext) -> list[Ranking]: ...
+
+    def tune(self, traces: Sequence[dict[str, Any]], gold: Sequence[Sequence[str]]) -> dict[str, Any]: ...
+
+    def rescore(self, trace: Mapping[str, Any]) -> Ranking | None: ...
+
+    def tuned_state(self) -> dict[str, Any]: ...
+
+    def load_tuned_state(self, state: dict[str, Any]) -> None: ...
 
 
 class BaseRanker:
     needs_lm = True
+    reads_images = False
+
+    @property
+    def needs_prompts(self) -> bool:
+        return self.needs_lm
 
     def rank(self, ctx: RankContext) -> list[Ranking]:
         raise NotImplementedError
+
+    def rescore(self, trace: Mapping[str, Any]) -> Ranking | None:
+        """The ranking again from a trace, after ``tune`` (None: only re-running ranks again)."""
+        return None
 
     def tune(self, traces: Sequence[dict[str, Any]], gold: Sequence[Sequence[str]]) -> dict[str, Any]:
         """Fit options from validation traces; return what was tuned (empty: nothing to tune)."""

@@ -51,12 +51,12 @@ class FusionRanker(BaseRanker):
         self.weight = weight
         self.grid = grid
         self.inner_ranker_ = get_ranker(inner, **self.inner_options)
-        if getattr(self.inner_ranker_, "needs_lm", True) is False:
+        if not self.inner_ranker_.needs_lm:
             raise ValueError("fusion mixes an LM ranker with the retriever; its inner ranker must use the LM")
 
     @property
     def needs_prompts(self) -> bool:
-        return getattr(self.inner_ranker_, "needs_prompts", True)
+        return self.inner_ranker_.needs_prompts
 
     def rank(self, ctx: RankContext) -> list[Ranking]:
         inner = self.inner_ranker_.rank(ctx)

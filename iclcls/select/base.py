@@ -19,17 +19,35 @@ from iclcls.registry import Registry
 
 @runtime_checkable
 class Selector(Protocol):
+    needs_lm: bool  # trains with the LM (bind_lm); a saved state does not retrain
+    incremental: bool  # False: additions leave it stale until refreshed (``stale_``, ``refresh_stale``)
+
     def fit(self, pool: Pool) -> Selector: ...
 
     def update(self, pool: Pool, new_ids: np.ndarray) -> None: ...
 
     def select(self, queries: Sequence[Query], candidates: Sequence[Candidates], k: int) -> list[list[int]]: ...
 
+    def bind_lm(self, lm: Any) -> None: ...
+
+    @property
+    def stale_(self) -> bool: ...
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]: ...
+
+    def load_state_dict(self, pool: Pool, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None: ...
+
 
 class BaseSelector:
     """Shared options: restrict demonstrations to candidate classes; refit on update."""
 
     restrict_to_candidates: bool = True
+    needs_lm = False
+    incremental = True
+    stale_ = False
+
+    def bind_lm(self, lm: Any) -> None:
+        """Selectors that size or train with the LM keep it (many-shot, CEIL)."""
 
     def fit(self, pool: Pool) -> BaseSelector:
         self.pool_ = pool

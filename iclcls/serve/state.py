@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from iclcls.errors import ConfigError
 from iclcls.serve.legacy import find_legacy
 from iclcls.serve.rwlock import RWLock
 from iclcls.serve.workers import Workers
@@ -119,7 +120,7 @@ class LiveClassifier:
         follow_poll_s: float = 1.0,
     ) -> None:
         if snapshot_every < 1:
-            raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
+            raise ConfigError(f"snapshot_every must be >= 1, got {snapshot_every}")
         self.state_dir = Path(state_dir)
         if not (self.state_dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.state_dir}: not a saved ICLClassifier (no config.json)")
@@ -164,7 +165,7 @@ class LiveClassifier:
                                refresh_every_s=refresh_every_s)
         if legacy is not None:
             self._import(legacy)
-        self.clf.predict(["warm up"], show_progress=False)  # load lazy models now, not on a first request
+        self.clf.predict_detailed(["warm up"], show_progress=False)  # load lazy models now, not on a first request
         log.info("ready: %d classes, %d pool examples, seq %d (%d replayed) from store %s", len(self.view.counts),
                  self.view.pool_size, self.applied_seq, self.replayed, self.store.location)
         if self.replayed >= self.snapshot_every:
@@ -182,7 +183,7 @@ class LiveClassifier:
     # -- reading ---------------------------------------------------------------------------
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         with self._rw.read(), self._model_lock:
-            return self.clf.predict(list(texts), show_progress=False)
+            return self.clf.predict_detailed(list(texts), show_progress=False)
 
     def wait_seq(self, seq: int, timeout: float) -> bool:
         """Whether this replica has applied ``seq`` (waiting up to ``timeout`` seconds for it)."""

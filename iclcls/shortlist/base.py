@@ -19,15 +19,23 @@ from iclcls.registry import Registry
 
 @runtime_checkable
 class Shortlister(Protocol):
+    input: str  # "text": queries and pool by embedding; "tags": by the Infer stage's tags (InCA)
+
     def fit(self, pool: Pool) -> Shortlister: ...
 
     def update(self, pool: Pool, new_ids: np.ndarray) -> None: ...
 
     def shortlist(self, queries: Sequence[Query], k: int) -> list[Candidates]: ...
 
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]: ...
+
+    def load_state_dict(self, pool: Pool, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None: ...
+
 
 class BaseShortlister:
     """Default behaviour: state derives from the pool, so ``update`` refits and loading refits."""
+
+    input = "text"
 
     def fit(self, pool: Pool) -> BaseShortlister:
         self.pool_ = pool

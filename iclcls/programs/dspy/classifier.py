@@ -2,8 +2,9 @@
 
 ``DSPyIReRaClassifier(compiled=DIR)`` behaves like an ``ICLClassifier`` for evaluation:
 ``fit`` (loads the compiled folder; the program was trained by ``iclcls compile``),
-``predict`` -> ``iclcls.types.Prediction`` (ranked labels, candidates, a trace with the
-Infer guesses, the LM's picks and the LM calls), ``decide``, ``get_params``/``set_params``.
+``predict_detailed`` -> ``iclcls.types.Prediction`` (ranked labels, candidates, a trace with
+the Infer guesses, the LM's picks and the LM calls), ``decide``, and the scikit-learn face
+(``predict`` labels, ``predict_proba``, ``score``, ``get_params``/``set_params``).
 So ``classifier: {program: dspy_irera, compiled: DIR}`` runs through ``iclcls eval`` with
 its checkpoints and reports unchanged.
 """
@@ -16,14 +17,18 @@ from typing import Any
 
 from sklearn.base import BaseEstimator
 
+from iclcls.classifier.sklearn_api import SklearnClassifier
+from iclcls.errors import ConfigError
 from iclcls.types import Example, Prediction
 
 PROGRAM_NAME = "dspy_irera"
 
 
-class DSPyIReRaClassifier(BaseEstimator):
-    """Evaluate a compiled IReRa program like any iclcls classifier (predict -> Predictions)."""
+class DSPyIReRaClassifier(SklearnClassifier, BaseEstimator):
+    """Evaluate a compiled IReRa program like any iclcls classifier (predict_detailed -> Predictions)."""
 
+    _fitted_attr = "program_"
+    _shared_params = ("lm", "infer_lm", "rank_lm")
     # Stage specs the harness inspects (e.g. for ``priors: benchmark``); the program owns its stages.
     shortlist = select = rank = infer = None
     ranker_ = None
@@ -57,13 +62,13 @@ class DSPyIReRaClassifier(BaseEstimator):
         spec = dict(spec)
         program = spec.pop("program", PROGRAM_NAME)
         if program != PROGRAM_NAME:
-            raise ValueError(f"classifier.program is {program!r}, expected {PROGRAM_NAME!r}")
+            raise ConfigError(f"classifier.program is {program!r}, expected {PROGRAM_NAME!r}")
         spec.pop("dspy", None)  # compile options: used by `iclcls compile`, not here
         spec.pop("tune", None)  # the program was tuned when it was compiled
         known = set(cls().get_params())
         unknown = sorted(k for k, v in spec.items() if k not in known and v is not None)
         if unknown:
-            raise ValueError(f"classifier options {unknown} do not apply to program {PROGRAM_NAME!r}; known: {sorted(known)}")
+            raise ConfigError(f"classifier options {unknown} do not apply to program {PROGRAM_NAME!r}; known: {sorted(known)}")
         return cls(**{k: v for k, v in spec.items() if k in known and v is not None})
 
     def _lm(self, given: Any) -> Any:
@@ -80,7 +85,7 @@ class DSPyIReRaClassifier(BaseEstimator):
     ) -> DSPyIReRaClassifier:
         """Load the compiled program (compiling and tuning are ``iclcls compile``'s job; the data here is unused)."""
         if not self.compiled:
-            raise ValueError(f"program {PROGRAM_NAME!r} needs classifier.compiled: the folder written by `iclcls compile`")
+            raise ConfigError(f"program {PROGRAM_NAME!r} needs classifier.compiled: the folder written by `iclcls compile`")
         from iclcls.programs.dspy.compile import load_compiled
 
         if not Path(self.compiled).is_dir():
@@ -100,11 +105,11 @@ class DSPyIReRaClassifier(BaseEstimator):
 
     @property
     def classes_(self) -> list[str]:
+        self._check_fitted("classes_")
         return list(self.pool_.labels)
 
-    def predict(self, inputs: Iterable[str | Example], *, show_progress: bool | None = None) -> list[Prediction]:
-        if not hasattr(self, "program_"):
-            raise RuntimeError("DSPyIReRaClassifier is not loaded: call fit() first")
+    def predict_detailed(self, inputs: Iterable[str | Example], *, show_progress: bool | None = None) -> list[Prediction]:
+        self._check_fitted("predict")
         from iclcls.classifier import as_examples
         from iclcls.programs.dspy.modules import scores_for
 
