@@ -1,18 +1,21 @@
 """The one reader for local data files: CSV, TSV, JSON Lines, JSON and Parquet into columns.
 
-CSV/TSV go through the csv module in one pass, every cell as the text written (no "NA"
--> missing, no "007" -> 7), keeping the first line of every record (a quoted field may
-span lines) so that errors and benchmark example ids point at the line a user sees in an
-editor (header = line 1). JSON Lines and JSON go through the json module (JSON Lines
-records keep their line); Parquet through pyarrow (rows are numbered). No Hugging Face
+CSV/TSV and Parquet go through pyarrow (:func:`csv_options`, shared with ``iclcls label``),
+every CSV/TSV cell as the text written (no "NA" -> missing, no "007" -> 7), keeping the
+first line of every record (a quoted field may span lines) so that errors and benchmark
+example ids point at the line a user sees in an editor (header = line 1); a line of nothing
+but separators counts as blank. JSON Lines and JSON go through the json module (JSON Lines
+records keep their line); Parquet rows are numbered. No Hugging Face
 ``datasets`` here: it is for the Hub only (``data/hub.py``) and would leave an Arrow
 cache under ~/.cache/huggingface for every local file.
 """
 
 from __future__ import annotations
 
-import csv
+import codecs
+import io
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,36 +96,89 @@ def read_table(
     return _read_delimited(p, sep, columns, quote)
 
 
+def csv_options(
+    delimiter: str = ",", *, text: Sequence[str] = (), handler: Any = None, quote: bool = True,
+    names: Sequence[str] | None = None, skip_rows: int = 0, blank_rows: bool = False, block_size: int = 1 << 20,
+) -> tuple[Any, Any, Any]:
+    """The pyarrow options of every CSV/TSV read (here and ``iclcls label``): the columns in
+    ``text`` as the text written, quoted values may span lines, rows of the wrong width go to
+    ``handler``. ``blank_rows``: a blank line comes back as a row of nulls (an unquoted empty
+    cell is null, a quoted one ``""``) so that lines can be counted."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    read = pacsv.ReadOptions(use_threads=False, block_size=block_size, column_names=names, skip_rows=skip_rows)
+    parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quote else False, newlines_in_values=True,
+                               ignore_empty_lines=not blank_rows, invalid_row_handler=handler)
+    convert = pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in text}, check_utf8=False,  # (label decodes per cell)
+        strings_can_be_null=blank_rows, null_values=[""], quoted_strings_can_be_null=False,
+    )
+    return read, parse, convert
+
+
+def csv_header(path: Path, delimiter: str = ",", **options: Any) -> list[str]:
+    """The column names of a CSV/TSV file ([] when it holds nothing); ``options`` as :func:`csv_options`."""
+    import pyarrow.csv as pacsv
+
+    try:
+        reader = pacsv.open_csv(path, *csv_options(delimiter, handler=lambda row: "skip", **options))
+    except Exception as e:  # pyarrow raises ArrowInvalid for an empty file or a broken header
+        if "Empty CSV file" in str(e):
+            return []
+        raise
+    names = list(reader.schema.names)
+    reader.close()
+    return names
+
+
+_BREAK = r"\r\n|\r|\n"  # one line break, as an editor (and Python's universal newlines) counts it
+
+
 def _read_delimited(path: Path, sep: str, columns: Sequence[str] | None, quote: bool) -> Table:
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    header: list[str] | None = list(columns) if columns is not None else None
-    if csv.field_size_limit() < 2**31 - 1:
-        csv.field_size_limit(2**31 - 1)  # the default 128 KiB rejects long documents in a cell
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=sep, quoting=csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE)
-        prev_end = 0
-        try:
-            for row in reader:
-                start, prev_end = prev_end + 1, reader.line_num
-                if not row:
-                    continue
-                if header is None:
-                    dup = next((c for c in row if row.count(c) > 1), None)
-                    if dup is not None:
-                        raise DataError(f"the header repeats column {dup!r}", path=path, location="line 1")
-                    header = row
-                elif len(row) != len(header):
-                    raise DataError(f"has {len(row)} fields, expected {len(header)} ({', '.join(header)})",
-                                    path=path, location=f"line {start}")
-                else:
-                    rows.append(row)
-                    lines.append(start)
-        except csv.Error as e:
-            raise DataError(f"cannot parse: {e}", path=path, location=f"line {reader.line_num}") from None
-    if header is None:
-        raise DataError("file has no header row", path=path)
-    return Table(path, {c: [r[j] for r in rows] for j, c in enumerate(header)}, lines)
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    with open(path, "rb") as f:  # blank lines before the header: skipped (pyarrow would take one for the header)
+        head = f.read(1 << 16).removeprefix(codecs.BOM_UTF8)
+    lead = head[: len(head) - len(head.lstrip(b"\r\n"))]
+    skip = lead.count(b"\n") + lead.count(b"\r") - lead.count(b"\r\n")
+    bad: list[Any] = []  # rows of the wrong width, skipped by pyarrow: the first is the error
+
+    def on_invalid(row: Any) -> str:
+        bad.append(row)
+        return "skip"
+
+    opts = dict(quote=quote, skip_rows=skip, block_size=min(max(path.stat().st_size + 1, 1 << 20), 1 << 30))
+    try:
+        header = list(columns) if columns is not None else csv_header(path, sep, **opts)
+        alone = not header and head.strip() and not re.search(rb"[\r\n]", head)  # a header line, no line end
+        if alone:  # (pyarrow reads no header there)
+            header = csv_header(io.BytesIO(head + b"\n"), sep, **opts)
+        if not header:
+            raise DataError("file has no header row", path=path)
+        dup = next((c for c in header if header.count(c) > 1), None)
+        if dup is not None and columns is None:
+            raise DataError(f"the header repeats column {dup!r}", path=path, location=f"line {skip + 1}")
+        if alone:
+            return Table(path, {h: [] for h in header}, [])
+        names = [f"f{j}" for j in range(len(header))] if columns is not None else None
+        table = pacsv.read_csv(path, *csv_options(sep, text=names or header, handler=on_invalid, names=names,
+                                                  blank_rows=True, **opts))
+    except pa.ArrowException as e:
+        raise DataError(f"cannot parse: {e}", path=path) from None
+    # each record's first line: after the header, 1 + the line breaks inside the records before it
+    first = skip + 1 + (0 if columns is not None else 1 + sum(len(re.findall(_BREAK, h)) for h in header))
+    spans = 1 + sum(pc.count_substring_regex(c.fill_null(""), _BREAK).to_numpy() for c in table.columns)
+    if bad:
+        r, at = bad[0], bad[0].number - skip - 1 - (columns is None)  # records before it
+        raise DataError(f"has {r.actual_columns} fields, expected {len(header)} ({', '.join(header)})", path=path,
+                        location=f"line {first + int(spans[:at].sum())}" if (r.number or 0) > 0 else None)
+    keep = ~np.logical_and.reduce([c.is_null().to_numpy(zero_copy_only=False) for c in table.columns])
+    data = [c.filter(pa.array(keep)).fill_null("").to_pylist() for c in table.columns]
+    return Table(path, dict(zip(header, data)), (first + np.cumsum(spans) - spans)[keep].tolist())
 
 
 def _read_json(path: Path, fmt: Format, json_field: str | None) -> Table:

@@ -2,9 +2,10 @@
 
 Nothing here holds the whole input: JSONL and .txt are read line by line (so one malformed
 line or undecodable byte becomes one error record, not a failed file), CSV/TSV through
-``pyarrow.csv.open_csv`` (every column as text; bad rows reported by pyarrow's invalid-row
-handler), Parquet through ``ParquetFile.iter_batches``. Every record carries its row number
-(0-based position among the input's non-blank rows), the id when there is no id column.
+``pyarrow.csv.open_csv`` with the options of ``data.tables`` (every column as text; bad rows
+reported by pyarrow's invalid-row handler), Parquet through ``ParquetFile.iter_batches``.
+Every record carries its row number (0-based position among the input's non-blank rows), the
+id when there is no id column.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from iclcls.data.tables import csv_header, csv_options
 from iclcls.errors import DataError
 from iclcls.types import check_text
 
@@ -173,34 +175,11 @@ class InputInfo:
     rows: int | None
 
 
-def _csv_options(fmt: Format, columns: Sequence[str] | None = None, handler: Any = None):
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    read = pacsv.ReadOptions(use_threads=False, block_size=1 << 20)
-    parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True, invalid_row_handler=handler)
-    convert = pacsv.ConvertOptions(
-        column_types={c: pa.string() for c in columns or ()},
-        check_utf8=False,  # decoded per cell later, so one bad cell is one error row
-        strings_can_be_null=False,
-        quoted_strings_can_be_null=False,
-    )
-    return read, parse, convert
-
-
 def csv_columns(path: Path, fmt: Format) -> list[str]:
-    import pyarrow.csv as pacsv
-
-    read, parse, convert = _csv_options(fmt, handler=lambda row: "skip")
     try:
-        reader = pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
-    except Exception as e:  # pyarrow raises ArrowInvalid for an empty file or a broken header
-        if "Empty CSV file" in str(e):
-            return []
+        return csv_header(path, "\t" if fmt == "tsv" else ",")
+    except Exception as e:  # pyarrow raises ArrowInvalid for a broken header
         raise LabelInputError(f"{path}: cannot read the CSV header: {e}") from None
-    names = list(reader.schema.names)
-    reader.close()
-    return names
 
 
 def _require_columns(path: Path, columns: Sequence[str], text_field: str, id_field: str | None, where: str = "") -> None:
@@ -358,7 +337,7 @@ def _iter_csv(path: Path, fmt: Format, *, text_field: str, id_field: str | None,
         return "skip"
 
     wanted = list(only) if only else [c for c in (text_field, id_field) if c]
-    read, parse, convert = _csv_options(fmt, names, handler=on_invalid)
+    read, parse, convert = csv_options("\t" if fmt == "tsv" else ",", text=names, handler=on_invalid)
     convert.include_columns = list(dict.fromkeys(wanted))
     reader = pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     row = 0
