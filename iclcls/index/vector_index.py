@@ -39,17 +39,9 @@ class VectorIndex:
     """Nearest-neighbour index with int64 ids: add, remove, search, reconstruct, save, load."""
 
     def __init__(
-        self,
-        dim: int,
-        *,
-        metric: Metric = "ip",
-        exact_threshold: int = 50_000,
-        hnsw_m: int = 32,
-        ef_search: int = 128,
-        ef_construction: int = 80,
-        compact_fraction: float = 0.25,
-        use_gpu: bool | Literal["auto"] = "auto",
-    ) -> None:
+        self, dim: int, *, metric: Metric = "ip", exact_threshold: int = 50_000, hnsw_m: int = 32, ef_search: int = 128,
+        ef_construction: int = 80, compact_fraction: float = 0.25, use_gpu: bool | Literal["auto"] = "auto",
+    ) -> None:  # fmt: skip
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         if metric not in ("ip", "l2"):
