@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from iclcls.data.tables import csv_options
 from iclcls.label.readers import Format, Record, csv_columns, parse_line, records_from_columns, unknown_id
 from iclcls.errors import LMServerError
 from iclcls.label.rows import LMUnavailable, RowOptions, label_records, prepare
@@ -94,20 +95,9 @@ def _read(path: Path, fmt: Format, *, text_field: str, id_field: str | None, num
         return ray.data.read_text(p, drop_empty_lines=True, num_cpus=num_cpus)
     if fmt == "parquet":
         return ray.data.read_parquet(p, columns=list(dict.fromkeys(c for c in (text_field, id_field) if c)), num_cpus=num_cpus)
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    names = csv_columns(path, fmt)
-    return ray.data.read_csv(
-        p,
-        num_cpus=num_cpus,
-        parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in names},
-            include_columns=list(dict.fromkeys(c for c in (text_field, id_field) if c)),
-            check_utf8=False, strings_can_be_null=False, quoted_strings_can_be_null=False,
-        ),
-    )
+    _, parse, convert = csv_options("\t" if fmt == "tsv" else ",", text=csv_columns(path, fmt))  # as the local engine
+    convert.include_columns = list(dict.fromkeys(c for c in (text_field, id_field) if c))
+    return ray.data.read_csv(p, num_cpus=num_cpus, parse_options=parse, convert_options=convert)
 
 
 def iter_ray_rows(

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tqdm.auto import tqdm
+
 from iclcls.label.output import JsonlSink, StdoutSink, check_writable, state_fingerprint
 from iclcls.label.readers import LabelInputError, chunked, check_unique_ids, detect_format, inspect_input, iter_records
 from iclcls.label.live import load_labeller, store_seq_for
@@ -124,7 +126,7 @@ def label_corpus(
         if info.rows == 0:
             summary.notes.append(f"{src} has no rows: nothing to label")
         else:
-            with _progress(total, opts.progress) as advance:
+            with tqdm(total=total, desc="label", unit="row", disable=not opts.progress) as bar:  # rows, rows/s, ETA
                 for batch in _batches(src, fmt, state=Path(state), clf=clf, opts=opts, row_opts=row_opts, done=sink.done,
                                       store_seq=store_seq):
                     rows = []
@@ -136,7 +138,8 @@ def label_corpus(
                     sink.write(rows)
                     summary.rows_done += len(rows)
                     summary.rows_failed += sum("error" in r for r in rows)
-                    advance(len(batch), summary)
+                    bar.set_postfix(failed=summary.rows_failed, refresh=False)
+                    bar.update(len(batch))
         ok = True
     except LMUnavailable as e:
         e.summary = summary  # what was written before the outage, for the message
@@ -235,37 +238,3 @@ def _limited(records: Iterator[Any], limit: int | None) -> Iterator[Any]:
         if limit is not None and i >= limit:
             return
         yield r
-
-
-class _progress:
-    """A rich progress bar on stderr (rows, rows/s, ETA), or nothing."""
-
-    def __init__(self, total: int | None, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self._p: Any = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n, s: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._p = Progress(
-            TextColumn("label"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} rows/s"), TextColumn("{task.fields[failed]} failed"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=Console(stderr=True), transient=False,
-        )
-        self._p.start()
-        task = self._p.add_task("label", total=self.total, rate="-", failed=0)
-        t0 = time.perf_counter()
-
-        def advance(n: int, s: LabelSummary) -> None:
-            dt = time.perf_counter() - t0
-            self._p.update(task, advance=n, rate=f"{s.rows_done / dt:.1f}" if dt > 0 else "-", failed=s.rows_failed)
-
-        return advance
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._p is not None:
-            self._p.stop()
