@@ -41,6 +41,12 @@ class ConfigError(IclclsError, ValueError):
     """Bad options, an unknown name, a bad config file, or saved state that fails its schema."""
 
 
+class UnknownNameError(ConfigError, KeyError):
+    """A name no registry knows (a stage, a backend); also the ``KeyError`` it was before."""
+
+    __str__ = Exception.__str__  # the message, not KeyError's repr of it
+
+
 class UntrustedStateError(ConfigError):
     """A saved state asks for something only a trusted state may: an LM endpoint, a file
     path or a template. Load it with ``trust=True`` (``--trust-state``) if you trust who

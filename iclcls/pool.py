@@ -17,6 +17,7 @@ import numpy as np
 
 from iclcls.embed.base import Embedder
 from iclcls.embed.image import encode_examples
+from iclcls.errors import ConfigError, UntrustedStateError
 from iclcls.index import VectorIndex
 from iclcls.io import atomic_write_bytes, atomic_write_text, load_npy, save_npy
 from iclcls.types import Example, LabelSpace
@@ -160,13 +161,14 @@ class Pool:
                     ex = Example.from_dict(json.loads(line), load_image=lambda r: _read_stored_image(d, r))
                     outside = next((i for i in ex.images if isinstance(i, str) and not i.startswith("data:")), None)
                     if outside is not None and not trust:
-                        raise ValueError(f"names the image {outside[:200]!r} outside the state (load it with trust=True)")
+                        raise UntrustedStateError(f"names the image {outside[:200]!r} outside the state (load it with trust=True)")
                     examples.append(ex)
                 except (ValueError, KeyError, TypeError, OSError) as e:
-                    raise ValueError(f"{path}, line {n}: bad example: {e}") from None
+                    kind = UntrustedStateError if isinstance(e, UntrustedStateError) else ConfigError
+                    raise kind(f"{path}, line {n}: bad example: {e}") from None
         embeddings = load_npy(d / "embeddings.npy")
         if len(embeddings) != len(examples):
-            raise ValueError(f"{d}: {len(examples)} examples but {len(embeddings)} embeddings")
+            raise ConfigError(f"{d}: {len(examples)} examples but {len(embeddings)} embeddings")
         if (d / "index.faiss").is_file():
             # Untrusted (require_checksum): the index (flat or HNSW) is rebuilt from the embeddings, never parsed.
             pool.index = VectorIndex.load(
@@ -174,7 +176,7 @@ class Pool:
                 rebuild_from=embeddings if require_checksum else None,
             )
             if len(pool.index) != len(examples):
-                raise ValueError(f"{d / 'index.faiss'}: holds {len(pool.index)} vectors, expected {len(examples)}")
+                raise ConfigError(f"{d / 'index.faiss'}: holds {len(pool.index)} vectors, expected {len(examples)}")
             pool._append(examples, embeddings, np.arange(len(examples), dtype=np.int64))
         elif examples:
             pool.extend(examples, embeddings)

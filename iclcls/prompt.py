@@ -19,6 +19,7 @@ import re
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
+from iclcls.errors import UnknownNameError
 from iclcls.types import Example
 
 _TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -75,12 +76,12 @@ def get_template(name_or_path: str) -> jinja2.Template:
     if p.suffix == ".jinja" and p.is_file():
         return _file_env().from_string(p.read_text(encoding="utf-8"))
     if not _TEMPLATE_NAME.match(str(name_or_path)):
-        raise KeyError(f"no prompt template {name_or_path!r}: give a packaged name "
+        raise UnknownNameError(f"no prompt template {name_or_path!r}: give a packaged name "
                        f"({', '.join(packaged_templates())}) or an existing .jinja file")
     try:
         return _env().get_template(f"{name_or_path}.jinja")
     except jinja2.TemplateNotFound:
-        raise KeyError(f"no prompt template {name_or_path!r}; packaged: {', '.join(packaged_templates())}") from None
+        raise UnknownNameError(f"no prompt template {name_or_path!r}; packaged: {', '.join(packaged_templates())}") from None
 
 
 def render(template: str, **variables) -> str:

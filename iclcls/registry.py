@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from iclcls.errors import UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -30,9 +32,7 @@ class Registry(Generic[T]):
         try:
             factory = self._items[name]
         except KeyError:
-            raise KeyError(
-                f"unknown {self.family} {name!r}; known: {', '.join(sorted(self._items))}"
-            ) from None
+            raise UnknownNameError(f"unknown {self.family} {name!r}; known: {', '.join(sorted(self._items))}") from None
         try:
             return factory(**options)
         except TypeError as e:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iclcls.errors import DataError
+from iclcls.errors import DataError, UnknownNameError
 from iclcls.types import Example, LabelSpace
 
 SPLITS = ("train", "validation", "test")
@@ -40,7 +40,7 @@ class Benchmark:
         """A split by name (``"val"``/``"dev"`` mean validation)."""
         key = {"val": "validation", "dev": "validation"}.get(name, name)
         if key not in SPLITS:
-            raise KeyError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+            raise UnknownNameError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         return getattr(self, key)
 
     def describe(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from iclcls.data.records import OnBad, build_examples
 from iclcls.data.tables import Format, detect_format, read_table
+from iclcls.errors import ConfigError
 from iclcls.types import Example, LabelSpace
 
 __all__ = ["Format", "detect_format", "load_examples"]
@@ -56,7 +57,7 @@ def load_examples(
             label_field=label_field, multi_label_sep=multi_label_sep, label_space=labels, on_empty=on_empty,
         )
     if text_field is None:
-        raise ValueError("text_field=None needs an image_field")
+        raise ConfigError("text_field=None needs an image_field")
     text, label, ids = (table.column(f) if f is not None else None for f in (text_field, label_field, id_field))
     return build_examples(
         text,

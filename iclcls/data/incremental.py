@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 
+from iclcls.errors import ConfigError, DataError
 from iclcls.types import Example, LabelSpace
 
 
@@ -21,11 +22,11 @@ def class_incremental_tasks(labels: LabelSpace | Sequence[str], *, n_tasks: int,
     """
     names = list(labels.labels if isinstance(labels, LabelSpace) else labels)
     if len(set(names)) != len(names):
-        raise ValueError("labels must be distinct")
+        raise DataError("labels must be distinct")
     if not isinstance(n_tasks, int) or n_tasks < 1:
-        raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
+        raise ConfigError(f"n_tasks must be a positive integer, got {n_tasks!r}")
     if n_tasks > len(names):
-        raise ValueError(f"n_tasks={n_tasks} is more than the {len(names)} classes")
+        raise ConfigError(f"n_tasks={n_tasks} is more than the {len(names)} classes")
     random.Random(seed).shuffle(names)
     size, extra = divmod(len(names), n_tasks)
     tasks, start = [], 0

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from iclcls.errors import DataError, DataWarning
+from iclcls.errors import ConfigError, DataError, DataWarning
 from iclcls.types import Example, LabelSpace
 
 OnBad = Literal["error", "skip"]
@@ -75,7 +75,7 @@ def build_examples(
     """
     for name, value in (("on_empty", on_empty), ("on_unknown_label", on_unknown_label)):
         if value not in ("error", "skip"):
-            raise ValueError(f"{name} must be 'error' or 'skip', got {value!r}")
+            raise ConfigError(f"{name} must be 'error' or 'skip', got {value!r}")
     known = None
     if label_space is not None:
         known = label_space if isinstance(label_space, LabelSpace) else set(label_space)

@@ -15,6 +15,7 @@ from iclcls.embed.base import Embedder
 from iclcls.embed.cache import CachedEmbedder, default_cache_dir
 from iclcls.embed.image import encode_examples
 from iclcls.embed.sentence_transformers import SentenceTransformerEmbedder
+from iclcls.errors import ConfigError
 
 __all__ = [
     "Embedder",
@@ -88,7 +89,7 @@ def _pixels(spec: str) -> Embedder:
     try:
         w, h = (int(v) for v in parts[1].lower().split("x"))
     except ValueError:
-        raise ValueError(f"bad pixel embedder spec {spec!r}; use 'pixels' or 'pixels:16x16[:L|RGB]'") from None
+        raise ConfigError(f"bad pixel embedder spec {spec!r}; use 'pixels' or 'pixels:16x16[:L|RGB]'") from None
     return PixelEmbedder(size=(w, h), mode=parts[2] if len(parts) > 2 else "L")
 
 
@@ -127,7 +128,7 @@ def _model_folder(model: str) -> tuple[Path, str]:
         return mpnet.installed_path(), mpnet.NAME
     folder = Path(model).expanduser()
     if not folder.is_dir():
-        raise ValueError(
+        raise ConfigError(
             f"embedder model {model!r} is neither an offline alias (minilm, mpnet) nor a local "
             "sentence-transformers folder; backends export from a local folder, offline"
         )

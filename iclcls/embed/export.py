@@ -30,6 +30,7 @@ from pathlib import Path
 
 from iclcls.embed.source import SourceModel, exports_root
 from iclcls.embed.specs import EXPORTED_BACKENDS
+from iclcls.errors import ConfigError
 
 STATIC_DIMS = 256  # model2vec PCA dimensions
 RECIPE = 1  # bump when an export recipe changes: old exports are then ignored, not reused
@@ -40,7 +41,7 @@ MODEL_FILES = {"onnx": "model.onnx", "onnx-int8": "model.onnx", "openvino": "mod
 def export_dir(source: SourceModel, backend: str) -> Path:
     """Where ``backend``'s export of ``source`` lives (whether or not it exists yet)."""
     if backend not in EXPORTED_BACKENDS:
-        raise ValueError(f"backend {backend!r} is not exported (choose from {', '.join(EXPORTED_BACKENDS)})")
+        raise ConfigError(f"backend {backend!r} is not exported (choose from {', '.join(EXPORTED_BACKENDS)})")
     return exports_root() / source.digest[:16] / f"{backend}-v{RECIPE}"
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from iclcls.errors import ConfigError
+
 BACKENDS = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8", "static")
 EXPORTED_BACKENDS = BACKENDS[1:]  # all but torch run a model exported into the cache
 
@@ -40,7 +42,7 @@ def parse_backend_spec(spec: str) -> BackendSpec | None:
     if not sep or backend not in BACKENDS:
         return None
     if not model:
-        raise ValueError(f"embedder spec {spec!r} names no model before '@'")
+        raise ConfigError(f"embedder spec {spec!r} names no model before '@'")
     return BackendSpec(model, backend)
 
 

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from iclcls.errors import ConfigError
+
 
 class DataConfig(BaseModel):
     """Where examples come from: a named benchmark, or local files."""
@@ -127,9 +129,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark else ""
-        raise ValueError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a config must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{path}: a config must be a mapping, got {type(raw).__name__}")
     return raw
 
 
@@ -142,7 +144,7 @@ def parse(model: type[BaseModel], raw: dict[str, Any], path: str | Path) -> Any:
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
             lines.append(f"  {loc}: {err['msg']}")
-        raise ValueError("\n".join(lines)) from None
+        raise ConfigError("\n".join(lines)) from None
 
 
 def load_config(path: str | Path, model: type[BaseModel] = FitConfig) -> Any:
@@ -164,7 +166,7 @@ def _qualify(key: str) -> str:
         if head in model.model_fields:
             return f"{section}.{key}"
     known = sorted(f for m in _SECTIONS.values() for f in m.model_fields)
-    raise ValueError(f"unknown option {key!r}: use a dotted path (classifier.shots) or one of: {', '.join(known)}")
+    raise ConfigError(f"unknown option {key!r}: use a dotted path (classifier.shots) or one of: {', '.join(known)}")
 
 
 def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -178,7 +180,7 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
         elif isinstance(nxt, str) and i >= 1:  # e.g. classifier.select: knn -> {"name": "knn"}
             nxt = node[part] = {"name": nxt}
         elif not isinstance(nxt, dict):
-            raise ValueError(f"cannot set {dotted}: {'.'.join(parts[: i + 1])} is {nxt!r}, not a mapping")
+            raise ConfigError(f"cannot set {dotted}: {'.'.join(parts[: i + 1])} is {nxt!r}, not a mapping")
         node = nxt
     node[parts[-1]] = value
 
@@ -209,13 +211,13 @@ def parse_assignments(items: Sequence[str], *, grid: bool = False) -> dict[str, 
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
         _qualify(key)
         if key in out:
-            raise ValueError(f"option {key!r} is given twice")
+            raise ConfigError(f"option {key!r} is given twice")
         out[key] = [_scalar(v.strip()) for v in value.split(",")] if grid else _scalar(value.strip())
         if grid and not all(str(v) != "" for v in out[key]):
-            raise ValueError(f"empty value in {item!r}")
+            raise ConfigError(f"empty value in {item!r}")
     return out
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iclcls.errors import ConfigError, DataError
 from iclcls.experiment.config import ClassifierConfig, EvalConfig
 from iclcls.experiment.splits import Splits, load_splits
 from iclcls.io import atomic_write_json, read_json
@@ -37,7 +38,7 @@ def build_classifier(cfg: ClassifierConfig, *, lms: dict[str, Any] | None = None
     opts = cfg.model_dump(exclude={"program", "tune"}, exclude_unset=True)
     if cfg.program:
         if cfg.program not in PROGRAMS:
-            raise ValueError(f"unknown program {cfg.program!r}; known: {', '.join([*PROGRAMS, *OTHER_CLASSIFIERS])}")
+            raise ConfigError(f"unknown program {cfg.program!r}; known: {', '.join([*PROGRAMS, *OTHER_CLASSIFIERS])}")
         opts = {**PROGRAMS[cfg.program]().get_params(deep=False), **opts}
     clf = ICLClassifier(**opts)
     if quiet:
@@ -68,7 +69,7 @@ def _resolve_priors(clf: Any, priors: Mapping[str, float] | None, benchmark: str
         spec = getattr(clf, key)
         if isinstance(spec, Mapping) and spec.get("priors") == "benchmark":
             if not priors:
-                raise ValueError(f"classifier.{key}.priors is 'benchmark' but {benchmark} ships no label priors")
+                raise ConfigError(f"classifier.{key}.priors is 'benchmark' but {benchmark} ships no label priors")
             clf.set_params(**{key: {**spec, "priors": dict(priors)}})
 
 
@@ -104,7 +105,7 @@ def prepare(
     dropped = sum(1 for ex in examples if not ex.labels)
     examples = [ex for ex in examples if ex.labels]
     if not examples:
-        raise ValueError(f"{splits.name}: the {cfg.eval.split} split has no labelled examples to score")
+        raise DataError(f"{splits.name}: the {cfg.eval.split} split has no labelled examples to score")
     clf = build_classifier(cfg.classifier, lms=lm_cache, quiet=show_progress is False)
     _resolve_priors(clf, splits.priors, splits.name)
     if "multi_label" not in cfg.classifier.model_fields_set and splits.multi_label:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from iclcls.errors import ConfigError
 from iclcls.experiment.config import EvalConfig, apply_overrides, load_yaml, parse
 from iclcls.experiment import PARTIAL, Prepared, run_experiment
 from iclcls.experiment.report import figure, markdown_table, pyplot, save_png
@@ -89,7 +90,7 @@ def load_study_config(path: str | Path, *, overrides: Mapping[str, Any] | None =
     for name, spec in cfg.study.selectors.items():
         sel = spec if isinstance(spec, str) else spec.get("name")
         if sel not in SELECTORS:
-            raise ValueError(f"{path}: study.selectors.{name}: unknown selector {sel!r}; known: {', '.join(SELECTORS.names())}")
+            raise ConfigError(f"{path}: study.selectors.{name}: unknown selector {sel!r}; known: {', '.join(SELECTORS.names())}")
     return cfg, raw
 
 

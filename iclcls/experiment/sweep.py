@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from iclcls.errors import ConfigError
 from iclcls.experiment.config import EvalConfig, apply_overrides, parse
 from iclcls.experiment import RunResult, primary_metric, run_experiment
 from iclcls.io import atomic_write_json
@@ -53,7 +54,7 @@ def run_sweep(
     from iclcls.experiment.report import report_safely, sweep_report
 
     if not axes:
-        raise ValueError("a sweep needs at least one axis, e.g. shots=2,4,8")
+        raise ConfigError("a sweep needs at least one axis, e.g. shots=2,4,8")
     out = Path(out_dir)
     base_name = raw.get("eval", {}).get("name") or Path(source).stem
     points = grid_points(axes)

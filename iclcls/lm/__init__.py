@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from iclcls.errors import ConfigError
 from iclcls.lm.base import LM, BaseLM, CapabilityError
 
 __all__ = ["LM", "BaseLM", "CapabilityError", "get_lm"]
@@ -30,7 +31,7 @@ def get_lm(spec: Any, **options: Any) -> LM | None:
 
         model, _, base_url = rest.partition("@")
         if not base_url:
-            raise ValueError(f"openai LM spec must be 'openai:<model>@<base url>', got {spec!r}")
+            raise ConfigError(f"openai LM spec must be 'openai:<model>@<base url>', got {spec!r}")
         lm = OpenAICompatibleLM(base_url, model, **options)
     else:
         from iclcls.lm.transformers_lm import TransformersLM

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from iclcls.errors import CapabilityError  # noqa: F401  (part of the contract: backends raise it)
+from iclcls.errors import CapabilityError, ConfigError  # noqa: F401  (CapabilityError: part of the contract)
 
 # A chat message: {"role": "user"|"system"|"assistant", "content": str | list[part]};
 # a part is {"type": "text", "text": ...} or {"type": "image", "image": path|url|bytes}.
@@ -89,7 +89,7 @@ def reduce_logprobs(tokens: np.ndarray, reduce: str = "sum") -> float:
         return float(np.mean(tokens)) if len(tokens) else 0.0
     if reduce == "first":
         return float(tokens[0]) if len(tokens) else 0.0
-    raise ValueError(f"unknown reduce {reduce!r}; use 'sum', 'mean' or 'first'")
+    raise ConfigError(f"unknown reduce {reduce!r}; use 'sum', 'mean' or 'first'")
 
 
 def has_images(conversation: Conversation) -> bool:

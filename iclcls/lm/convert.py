@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from iclcls.errors import ConfigError
 from iclcls.lm.gguf import gguf_add_bos
 from iclcls.lm.models import ModelSource, resolve_model
 from iclcls.util import cache_dir
@@ -35,7 +36,7 @@ def gguf_to_hf_dir(source: ModelSource, *, out_dir: str | Path | None = None) ->
     directory holds ``config.json``, safetensors weights and the tokenizer files.
     """
     if source.gguf_file is None:
-        raise ValueError(f"{source.name}: not a GGUF model (no gguf_file); load {source.path} directly")
+        raise ConfigError(f"{source.name}: not a GGUF model (no gguf_file); load {source.path} directly")
     gguf_path = source.gguf_path
     if gguf_path is None or not gguf_path.is_file():
         raise FileNotFoundError(f"{source.name}: GGUF file {gguf_path} does not exist")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from iclcls.errors import ConfigError
 from iclcls.lm.gguf import gguf_add_bos
 from iclcls.lm.models import OFFLINE_MODELS, ModelSource, resolve_model
 
@@ -53,7 +54,7 @@ def load_causal_lm(
             kwargs["gguf_file"] = source.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
+        raise ConfigError(
             f"transformers:{source.name}: needs a fast tokenizer (character offsets split prompt from continuation)"
         )
     if attn_implementation is not None:
@@ -70,7 +71,7 @@ def context_window_of(model: Any, name: str, context_window: int | None, context
     model_max = getattr(cfg, "max_position_embeddings", None) or context_cap
     window = int(context_window or min(model_max, context_cap))
     if window > model_max:
-        raise ValueError(f"{name}: context_window {window} exceeds the model's {model_max} positions")
+        raise ConfigError(f"{name}: context_window {window} exceeds the model's {model_max} positions")
     return window
 
 

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iclcls.errors import LMBackendError
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -69,7 +71,7 @@ class ServerHandle:
         while True:
             if self.process.poll() is not None:
                 self.stop()
-                raise RuntimeError(
+                raise LMBackendError(
                     f"vLLM server exited with code {self.process.returncode} before it was ready "
                     f"({' '.join(self._command)}); last log lines from {self.log_path}:\n{self.log_tail()}"
                 )
@@ -80,7 +82,7 @@ class ServerHandle:
                 pass
             if time.perf_counter() > deadline:
                 self.stop()
-                raise RuntimeError(
+                raise LMBackendError(
                     f"vLLM server on {self.base_url} not ready after {timeout:.0f} s; last log "
                     f"lines from {self.log_path}:\n{self.log_tail()}"
                 )

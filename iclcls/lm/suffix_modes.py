@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from iclcls.errors import ConfigError
 from iclcls.lm.kv_cache import fork_cache, sliding_kept
 
 
@@ -53,12 +54,12 @@ def choose_suffix_mode(mode: str, *, attn_impl: str, kinds: dict | None, name: s
     if mode == "auto":
         return "packed" if packable else "batched"
     if mode == "packed" and not packable:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: suffix_mode='packed' needs sdpa or eager attention and full/sliding "
             f"attention layers (this model: {attn_impl!r}); use 'batched'"
         )
     if mode not in ("packed", "batched"):
-        raise ValueError(f"suffix_mode must be 'auto', 'packed' or 'batched', got {mode!r}")
+        raise ConfigError(f"suffix_mode must be 'auto', 'packed' or 'batched', got {mode!r}")
     return mode
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from iclcls.errors import ConfigError
 from iclcls.lm.base import BaseLM, Conversation, ScoreRequest
 from iclcls.lm.common import check_choices, likeliest
 from iclcls.lm.gguf import gguf_metadata_value  # noqa: F401  (re-exported: it lived here)
@@ -79,7 +80,7 @@ class TransformersLM(BaseLM):
         loaded: Loaded | None = None,
     ) -> None:
         if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+            raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if loaded is None:
             loaded = load_causal_lm(model, gguf_file=gguf_file, device=device, dtype=dtype,
                                     convert_gguf=convert_gguf, attn_implementation=attn_implementation)
@@ -98,7 +99,7 @@ class TransformersLM(BaseLM):
         self.suffix_mode = self._choose_suffix_mode(suffix_mode)
         self.batch_mode = self._choose_batch_mode(batch_mode)
         if max_batch_tokens is not None and max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+            raise ConfigError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.max_batch_tokens = max_batch_tokens or (
             DEFAULT_BATCH_TOKENS_GPU if self.device.type == "cuda" else DEFAULT_BATCH_TOKENS_CPU)
         # A hint to stages that could either reuse a prefix's KV cache one request at a time or
@@ -118,10 +119,10 @@ class TransformersLM(BaseLM):
         if mode == "auto":
             return "tree" if treeable else "per_request"
         if mode == "tree" and not treeable:
-            raise ValueError(f"{self.name}: batch_mode='tree' needs the packed suffix mode (sdpa or eager "
+            raise ConfigError(f"{self.name}: batch_mode='tree' needs the packed suffix mode (sdpa or eager "
                              "attention, full/sliding layers); use 'per_request'")
         if mode not in ("tree", "per_request"):
-            raise ValueError(f"batch_mode must be 'auto', 'tree' or 'per_request', got {mode!r}")
+            raise ConfigError(f"batch_mode must be 'auto', 'tree' or 'per_request', got {mode!r}")
         return mode
 
     @classmethod

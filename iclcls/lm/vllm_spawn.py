@@ -35,6 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from iclcls.errors import LMBackendError
+
 log = logging.getLogger(__name__)
 MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
@@ -133,7 +135,7 @@ def start_engine(factory: Any, *, name: str, in_process: bool, **kwargs: Any) ->
         died = "bootstrapping phase" in str(e) or "Engine core initialization failed" in str(e)
         where = unguarded_main_line() if died and not in_process else None
         if where:
-            raise RuntimeError(
+            raise LMBackendError(
                 f"{name}: vLLM's worker process could not start because {where} builds "
                 "the engine outside an `if __name__ == \"__main__\":` block (a spawned "
                 "worker re-runs it). Put the script's work under that guard, or pass "

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from iclcls.errors import ConfigError
+
 log = logging.getLogger("iclcls.serve")
 
 
@@ -42,7 +44,7 @@ class MicroBatcher:
         on_batch: Callable[[int, int, float], None] | None = None,
     ) -> None:
         if max_wait_s < 0 or max_batch < 1 or max_queue < 1:
-            raise ValueError("max_wait_s must be >= 0, max_batch and max_queue >= 1")
+            raise ConfigError("max_wait_s must be >= 0, max_batch and max_queue >= 1")
         self.predict = predict
         self.enabled = enabled
         self.max_wait_s = max_wait_s

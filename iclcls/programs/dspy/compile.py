@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from iclcls.errors import ConfigError, DataError, UntrustedStateError
 from iclcls.io import atomic_write_json, read_json
 
 FORMAT = "iclcls-dspy-irera"
@@ -121,7 +122,7 @@ class LMPool:
             if spec.startswith("served:"):
                 model, _, url = spec[len("served:") :].partition("@")
                 if not model or not url:
-                    raise ValueError(f"served LM spec must be 'served:MODEL@URL', got {spec!r}")
+                    raise ConfigError(f"served LM spec must be 'served:MODEL@URL', got {spec!r}")
                 self._lms[key] = served_lm(url, model, max_tokens=max_tokens, cache=cache)
             else:
                 if spec not in self._backends:
@@ -138,7 +139,7 @@ class LMPool:
 def resolve_priors(spec: Any, priors: Mapping[str, float] | None, where: str) -> Any:
     if isinstance(spec, Mapping) and spec.get("priors") == "benchmark":
         if not priors:
-            raise ValueError(f"{where}.priors is 'benchmark' but the benchmark ships no label priors")
+            raise ConfigError(f"{where}.priors is 'benchmark' but the benchmark ships no label priors")
         return {**spec, "priors": dict(priors)}
     return spec
 
@@ -193,13 +194,13 @@ def compile_split(validation: Sequence[Any], opt: OptimizerOptions, *, fallback:
     if opt.name == "one_se":
         pool = pool[: opt.val_size] if opt.val_size else pool
         if len(pool) < 2:
-            raise ValueError(f"compiling needs at least 2 labelled examples; got {len(pool)}")
+            raise DataError(f"compiling needs at least 2 labelled examples; got {len(pool)}")
         return pool, []
     n_train = opt.train_size or max(1, len(pool) // 2)
     n_val = opt.val_size or max(1, len(pool) - n_train)
     train, val = pool[:n_train], pool[n_train : n_train + n_val]
     if not train or not val:
-        raise ValueError(f"compiling needs labelled validation examples for both train and val; got {len(pool)}")
+        raise DataError(f"compiling needs labelled validation examples for both train and val; got {len(pool)}")
     return train, val
 
 
@@ -328,9 +329,9 @@ def read_compiled_config(directory: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{d}: not a compiled DSPy program (no config.json)")
     cfg = read_json(path)
     if cfg.get("format") != FORMAT:
-        raise ValueError(f"{path}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
+        raise ConfigError(f"{path}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
     if int(cfg.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path}: written by a newer iclcls (format version {cfg['version']})")
+        raise ConfigError(f"{path}: written by a newer iclcls (format version {cfg['version']})")
     return cfg
 
 
@@ -358,7 +359,7 @@ def load_compiled(
     try:
         opts = ProgramOptions.model_validate(cfg["options"])
     except Exception as e:
-        raise ValueError(f"{d / 'config.json'}: invalid options: {e}") from None
+        raise ConfigError(f"{d / 'config.json'}: invalid options: {e}") from None
     if retriever is None:
         retriever = ICLClassifier.load(d / "retriever", trust=trust)
     program = build_program(opts, retriever)
@@ -369,13 +370,13 @@ def load_compiled(
     try:
         program.set_weights(infer=weights.get("infer"), rank=weights.get("rank"))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{d / 'config.json'}: invalid weights: {e}") from None
+        raise ConfigError(f"{d / 'config.json'}: invalid weights: {e}") from None
     program.decision = cfg.get("decision")  # plain attributes: not DSPy state
     if attach:
         for step, given in (("infer", infer_lm), ("rank", rank_lm)):
             spec = getattr(opts, step).lm
             if given is None and getattr(opts, step).enabled and spec.startswith("served:") and not trust:
-                raise ValueError(
+                raise UntrustedStateError(
                     f"{d / 'config.json'}: the {step} LM is the endpoint {spec!r}; pass {step}_lm= or trust=True"
                 )
         lms = lms or LMPool()

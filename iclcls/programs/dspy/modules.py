@@ -161,7 +161,9 @@ class Retrieve(dspy.Module):
     def __init__(self, retriever: Any, *, k: int = 50, stats: StepStats | None = None) -> None:
         super().__init__()
         if not hasattr(retriever, "shortlister_"):
-            raise ValueError("Retrieve needs a fitted iclcls classifier (call fit first)")
+            from iclcls.errors import NotFittedError
+
+            raise NotFittedError("Retrieve needs a fitted iclcls classifier (call fit first)")
         self._retriever = Shared(retriever)
         self.k = k
         self._stats = Shared(stats)
