@@ -13,7 +13,6 @@ cache under ~/.cache/huggingface for every local file.
 from __future__ import annotations
 
 import codecs
-import io
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -117,19 +116,17 @@ def csv_options(
     return read, parse, convert
 
 
-def csv_header(path: Path, delimiter: str = ",", **options: Any) -> list[str]:
+def csv_header(path: Path | Any, delimiter: str = ",", **options: Any) -> list[str]:
     """The column names of a CSV/TSV file ([] when it holds nothing); ``options`` as :func:`csv_options`."""
     import pyarrow.csv as pacsv
 
     try:
-        reader = pacsv.open_csv(path, *csv_options(delimiter, handler=lambda row: "skip", **options))
+        with pacsv.open_csv(path, *csv_options(delimiter, handler=lambda row: "skip", **options)) as reader:
+            return list(reader.schema.names)
     except Exception as e:  # pyarrow raises ArrowInvalid for an empty file or a broken header
         if "Empty CSV file" in str(e):
             return []
         raise
-    names = list(reader.schema.names)
-    reader.close()
-    return names
 
 
 _BREAK = r"\r\n|\r|\n"  # one line break, as an editor (and Python's universal newlines) counts it
@@ -145,28 +142,19 @@ def _read_delimited(path: Path, sep: str, columns: Sequence[str] | None, quote: 
         head = f.read(1 << 16).removeprefix(codecs.BOM_UTF8)
     lead = head[: len(head) - len(head.lstrip(b"\r\n"))]
     skip = lead.count(b"\n") + lead.count(b"\r") - lead.count(b"\r\n")
+    # one line without a line end: pyarrow finds no header there, so it gets one
+    src = path if re.search(rb"[\r\n]", head) else pa.py_buffer(path.read_bytes() + b"\n")
     bad: list[Any] = []  # rows of the wrong width, skipped by pyarrow: the first is the error
-
-    def on_invalid(row: Any) -> str:
-        bad.append(row)
-        return "skip"
-
     opts = dict(quote=quote, skip_rows=skip, block_size=min(max(path.stat().st_size + 1, 1 << 20), 1 << 30))
     try:
-        header = list(columns) if columns is not None else csv_header(path, sep, **opts)
-        alone = not header and head.strip() and not re.search(rb"[\r\n]", head)  # a header line, no line end
-        if alone:  # (pyarrow reads no header there)
-            header = csv_header(io.BytesIO(head + b"\n"), sep, **opts)
+        header = list(columns) if columns is not None else csv_header(src, sep, **opts)
         if not header:
             raise DataError("file has no header row", path=path)
-        dup = next((c for c in header if header.count(c) > 1), None)
-        if dup is not None and columns is None:
+        if columns is None and (dup := next((c for c in header if header.count(c) > 1), None)) is not None:
             raise DataError(f"the header repeats column {dup!r}", path=path, location=f"line {skip + 1}")
-        if alone:
-            return Table(path, {h: [] for h in header}, [])
         names = [f"f{j}" for j in range(len(header))] if columns is not None else None
-        table = pacsv.read_csv(path, *csv_options(sep, text=names or header, handler=on_invalid, names=names,
-                                                  blank_rows=True, **opts))
+        table = pacsv.read_csv(src, *csv_options(sep, text=names or header, handler=lambda r: bad.append(r) or "skip",
+                                                 names=names, blank_rows=True, **opts))
     except pa.ArrowException as e:
         raise DataError(f"cannot parse: {e}", path=path) from None
     # each record's first line: after the header, 1 + the line breaks inside the records before it
