@@ -123,11 +123,11 @@ def test_failing_fsync_during_save_keeps_the_previous_state(fitted, sample, tmp_
 
 
 def test_failing_final_rename_keeps_the_previous_state(fitted, sample, tmp_path, monkeypatch):
-    import iclcls.classifier as classifier
+    import iclcls.io as io
 
     d = tmp_path / "state"
     fitted.save(d)
-    monkeypatch.setattr(classifier, "_exchange", lambda a, b: False)  # the portable two-rename path
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # the portable two-rename path
     real, failed = os.replace, []
 
     def failing(src, dst):
@@ -136,7 +136,7 @@ def test_failing_final_rename_keeps_the_previous_state(fitted, sample, tmp_path,
             raise OSError(errno.EROFS, "Read-only file system", str(dst))
         return real(src, dst)
 
-    monkeypatch.setattr(classifier.os, "replace", failing)
+    monkeypatch.setattr(io.os, "replace", failing)
     with pytest.raises(OSError, match="Read-only"):
         _bigger(sample).save(d)
     monkeypatch.undo()
@@ -289,7 +289,7 @@ def test_vllm_server_killed_mid_eval_stops_clearly_and_the_rerun_resumes(smollm2
         handle.stop(grace=0)
         output, _ = proc.communicate(timeout=300)
         output = " ".join(output.decode().split())
-        assert proc.returncode == 2, output
+        assert proc.returncode == 75, output  # EX_TEMPFAIL
         assert "the LM server failed" in output and url in output, output
         assert "run the same command again to resume" in output
         done = _lines(partial)

@@ -120,10 +120,10 @@ def prepare(
     clf.fit(splits.train, labels=splits.labels, validation=validation or None, tune=mode)
     if saved:
         clf.tuned_ = dict(saved.get("tuned", {}))
-        if hasattr(clf.ranker_, "load_tuned_state"):
+        if clf.ranker_ is not None:  # None: a program that owns its stages (DSPy)
             clf.ranker_.load_tuned_state(saved.get("ranker_state", {}))
     elif tuned_path is not None:
-        ranker_state = clf.ranker_.tuned_state() if hasattr(clf.ranker_, "tuned_state") else {}
+        ranker_state = clf.ranker_.tuned_state() if clf.ranker_ is not None else {}
         atomic_write_json(tuned_path, {"config_hash": config_key, "tuned": clf.tuned_, "ranker_state": ranker_state})
     fit_seconds = time.time() - t0
     remember_lm(clf, lm_cache)

@@ -55,7 +55,7 @@ class RowOptions:
 
 def embedding_bound(clf: Any) -> bool:
     """True when no LM runs per query (the retriever alone): then the embedder sets the pace."""
-    return not getattr(clf.ranker_, "needs_lm", True) and getattr(clf, "inferrer_", None) is None
+    return not clf.ranker_.needs_lm and clf.inferrer_ is None
 
 
 def prepare(clf: Any, *, chunk_rows: int) -> Any:
@@ -68,7 +68,7 @@ def prepare(clf: Any, *, chunk_rows: int) -> Any:
 
 def check_row_options(clf: Any, opts: RowOptions) -> None:
     """Refuse options the loaded state cannot serve (before OUT is touched)."""
-    if opts.alpha is not None and not ((getattr(clf, "tuned_", None) or {}).get("conformal") or {}).get("n"):
+    if opts.alpha is not None and not (clf.tuned_.get("conformal") or {}).get("n"):
         raise ConfigError("--alpha needs a state with conformal calibration: fit it again (fit calibrates by "
                          "cross-validation unless tune='none')")
 
@@ -100,7 +100,7 @@ def label_records(
             rows.append({"id": r.id, "error": f"{type(p).__name__}: {p}"})
             continue
         row: dict[str, Any] = {"id": r.id, "labels": list(p.labels), "scores": [float(s) for s in p.scores]}
-        if getattr(clf, "multi_label", False):
+        if clf.multi_label:
             row["chosen"] = list(clf.decide(p))
         if opts.alpha is not None:
             row["set"] = list(clf.conformal_sets([p], alpha=opts.alpha)[0])

@@ -267,7 +267,7 @@ class InfluenceSelector(BaseSelector):
 
     @property
     def stale_(self) -> bool:
-        return bool(self.fit_info_.get("stale_examples"))
+        return bool(getattr(self, "fit_info_", {}).get("stale_examples"))  # unfitted: not stale
 
     def chosen(self, k: int, allowed: set[int] | None = None) -> list[int]:
         """The first k of the ranking with at most R per class (R from k and the classes present)."""
