@@ -30,7 +30,7 @@ import numpy as np
 def fsync_file(path: str | Path | int | IO[Any]) -> None:
     """Flush a written file's data to the disk (a rename alone may land before the data): a
     file named by its path, an open file (its buffer flushed first) or a file descriptor."""
-    if hasattr(path, "fileno"):
+    if not isinstance(path, (str, os.PathLike, int)):  # an open file
         path.flush()
         path = path.fileno()
     if isinstance(path, int):
@@ -110,6 +110,27 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False  # this filesystem cannot: fall back
     raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def staged_dir(target: Path, *, done: Callable[[Path], bool]) -> Iterator[Path]:
+    """A fresh folder beside ``target`` to build a cache entry in (an export, a converted model).
+    When the block succeeds it is fsynced and renamed onto ``target``, unless another process
+    published first (``done(target)``: then its copy is kept); the staging folder never stays."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; a cache entry is readable like any model
+    try:
+        yield staging
+        fsync_tree(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not done(target):
+                raise
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager

@@ -20,10 +20,8 @@ calibration set); OpenVINO reads the ONNX file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 from iclcls.embed.source import SourceModel, exports_root
 from iclcls.embed.specs import EXPORTED_BACKENDS
 from iclcls.errors import ConfigError
+from iclcls.io import staged_dir
 
 STATIC_DIMS = 256  # model2vec PCA dimensions
 RECIPE = 1  # bump when an export recipe changes: old exports are then ignored, not reused
@@ -65,9 +64,7 @@ def ensure_export(source: SourceModel, backend: str, *, calibration: list[str] |
         base = ensure_export(source, "openvino")
     else:
         base = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{backend}.", dir=target.parent))
-    try:
+    with staged_dir(target, done=lambda t: read_manifest(t) is not None) as staging:
         started = time.perf_counter()
         _BUILDERS[backend](source, base, staging, calibration)
         if not (staging / "tokenizer.json").exists():  # model2vec writes its own (pruned) tokenizer
@@ -78,14 +75,6 @@ def ensure_export(source: SourceModel, backend: str, *, calibration: list[str] |
             "model_file": MODEL_FILES[backend], "export_s": round(time.perf_counter() - started, 2),
         }  # fmt: skip
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; an export is readable like any model
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process finished first: use its export
-            if read_manifest(target) is None:
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

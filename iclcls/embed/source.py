@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from iclcls.io import atomic_write_text
 from iclcls.util import cache_dir
 
 
@@ -88,10 +89,7 @@ def model_digest(folder: str | Path) -> str:
     digest = _content_digest(folder, files)
     known = known if isinstance(known, dict) else {}
     known[fp] = digest
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, indent=0))
-    os.replace(tmp, memo)  # concurrent writers: last one wins, every reader sees whole JSON
+    atomic_write_text(memo, json.dumps(known, indent=0))  # concurrent writers: last one wins, readers see whole JSON
     return digest
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from iclcls.errors import ConfigError
+from iclcls.io import staged_dir
 from iclcls.lm.gguf import gguf_add_bos
 from iclcls.lm.models import ModelSource, resolve_model
 from iclcls.util import cache_dir
@@ -47,10 +47,9 @@ def gguf_to_hf_dir(source: ModelSource, *, out_dir: str | Path | None = None) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the model dir is shared like any cache
-    try:
+    if target.exists() and not (target / MARKER).is_file():  # a stale, unmarked (interrupted) conversion
+        shutil.rmtree(target)
+    with staged_dir(target, done=lambda t: (t / MARKER).is_file()) as tmp:
         start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
         add_bos = gguf_add_bos(gguf_path)
@@ -78,19 +77,6 @@ def gguf_to_hf_dir(source: ModelSource, *, out_dir: str | Path | None = None) ->
         }
         (tmp / MARKER).write_text(json.dumps(info, indent=2), encoding="utf-8")
         del model
-        if target.exists():  # a stale, unmarked (interrupted) conversion
-            if (target / MARKER).is_file():  # another process finished first
-                return target
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if (target / MARKER).is_file():  # lost a race against another converter
-                return target
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
