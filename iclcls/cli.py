@@ -1,11 +1,15 @@
-"""The ``iclcls`` command: demo, data, fit, predict (and eval/study/cil as they land)."""
+"""The ``iclcls`` command: demo, data, fit, label/predict, eval, study, cil, compile, serve.
+
+Every command exits with the code of its error's class (``EXIT_CODES``, sysexits.h where one
+fits), listed under ``iclcls --help``.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -13,7 +17,22 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="In-context-learning classifiers.")
+from iclcls.errors import (CapabilityError, ConfigError, DataError, IclclsError, LMBackendError, LMServerError,
+                           UntrustedStateError)
+
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (  # the first class that matches wins; else 2
+    (DataError, 65), (FileNotFoundError, 66), (CapabilityError, 78), (LMBackendError, 75),
+    (UntrustedStateError, 77), (ConfigError, 78),
+)
+HANDLED = (IclclsError, ValueError, FileNotFoundError, KeyError, TypeError, ImportError)  # one line, no traceback
+EXIT_HELP = """Exit codes:
+  0 done; 1 label: done, but some rows failed; 2 bad usage or another error (a store locked by another serve)
+  65 bad input data (the file, line and field are named); 66 a file not found
+  75 the LM backend failed or is unreachable: run the same command again
+  77 the state needs --trust-state; 78 bad options, config or saved state, or an LM that cannot do what is asked
+  130 interrupted"""
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="In-context-learning classifiers.", epilog=EXIT_HELP)
 console = Console()
 
 
@@ -25,9 +44,15 @@ def _say(text: str, *, stderr: bool = False) -> None:
     out.print(text, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {escape(msg)}", emoji=False, highlight=False, soft_wrap=True)  # paths stay whole
-    raise typer.Exit(code)
+def exit_code(error: BaseException) -> int:
+    """The exit code of ``error``'s class (``EXIT_CODES``), else 2."""
+    return next((code for cls, code in EXIT_CODES if isinstance(error, cls)), 2)
+
+
+def _fail(error: str | BaseException, code: int | None = None) -> NoReturn:
+    """Print the message and exit with ``code`` (default: the error's class's, 2 for a message)."""
+    console.print(f"[red]error:[/red] {escape(str(error))}", emoji=False, highlight=False, soft_wrap=True)  # paths stay whole
+    raise typer.Exit(exit_code(error) if code is None and isinstance(error, BaseException) else code or 2)
 
 
 @app.command()
@@ -40,8 +65,8 @@ def data(
 
     try:
         bench = load_benchmark(name, data_dir=data_dir)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+    except HANDLED as e:
+        _fail(e)
     typer.echo(
         json.dumps(
             {"train": len(bench.train), "validation": len(bench.validation), "test": len(bench.test), "labels": len(bench.labels)}
@@ -103,7 +128,7 @@ def demo(
 
 def _run_label(inputs: Path, state: Path, out: Optional[Path], **options) -> None:
     """Shared by `label` and its alias `predict`: run, print the summary, set the exit code."""
-    from iclcls.label import EXIT_LM_UNAVAILABLE, LabelOptions, LMUnavailable, label_corpus
+    from iclcls.label import LabelOptions, LMUnavailable, label_corpus
 
     try:
         summary = label_corpus(inputs, state=state, out=out, options=LabelOptions(**options))
@@ -115,9 +140,9 @@ def _run_label(inputs: Path, state: Path, out: Optional[Path], **options) -> Non
         done = e.summary.rows_done if e.summary is not None else 0
         kept = f"the {done} rows labelled before it are in {out}, nothing for the rest" if done else "no row was written"
         _fail(f"the LM server is unavailable, so labelling stopped: {e}\n{kept}. Run the same command again "
-              "when the server is back: it resumes there.", code=EXIT_LM_UNAVAILABLE)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
-        _fail(str(e))
+              "when the server is back: it resumes there.", exit_code(e))
+    except HANDLED as e:
+        _fail(e)
     for note in summary.notes:
         _say(note, stderr=True)
     _say(
@@ -205,8 +230,8 @@ def fit(
         cfg = load_config(config, FitConfig)
         splits = load_splits(cfg.data)
         clf = build_classifier(cfg.classifier)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(str(e))
+    except HANDLED as e:
+        _fail(e)
     val = splits.validation if cfg.classifier.tune and splits.validation else None
     clf.fit(splits.train, labels=splits.labels, validation=val, tune="auto" if cfg.classifier.tune else "none")
     clf.save(out)
@@ -225,8 +250,8 @@ def compile_(
 
     try:
         report = compile_from_config(config, out, data_dir=str(data_dir) if data_dir else None, log=lambda m: _say(str(m)))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(str(e))
+    except HANDLED as e:
+        _fail(e)
     _say(f"best candidate scores: {report.get('candidates')}")
 
 
@@ -247,8 +272,7 @@ def eval_(
     import shlex
 
     from iclcls.experiment.config import EvalConfig, load_yaml, parse
-    from iclcls.errors import LMServerError
-    from iclcls.experiment import ResumeError, run_experiment as run_eval
+    from iclcls.experiment import run_experiment as run_eval
     from iclcls.experiment.config import apply_overrides, parse_assignments
     from iclcls.experiment.sweep import run_sweep
 
@@ -287,9 +311,9 @@ def eval_(
         console.print("[yellow]interrupted[/yellow]: finished examples are checkpointed; run the same command again to resume")
         raise typer.Exit(130)
     except LMServerError as e:
-        _fail(f"the LM server failed: {e}\nfinished examples are checkpointed; run the same command again to resume")
-    except (ResumeError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
-        _fail(str(e))
+        _fail(f"the LM server failed: {e}\nfinished examples are checkpointed; run the same command again to resume", exit_code(e))
+    except HANDLED as e:
+        _fail(e)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items() if k in _EVAL_SHOW)
     done = f"{res.computed} predicted now" + (f", {len(res.records) - res.computed} from earlier" if res.computed < len(res.records) else "")
     _say(f"{name}: {shown} (n={len(res.records)}; {done})")
@@ -324,8 +348,8 @@ def cil(
         if unknown:
             raise ValueError(f"unknown methods {unknown}; the config has {[m.name for m in cfg.methods]}")
         metrics = run_cil(cfg, out, only=only, show_progress=not quiet, config_path=str(config))
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
-        _fail(str(e))
+    except HANDLED as e:
+        _fail(e)
     k = cfg.recall_k
     for name, r in metrics["methods"].items():
         joint = r.get("joint_accuracy")
@@ -351,7 +375,6 @@ def study(
     import shlex
 
     from iclcls.experiment.config import parse_assignments
-    from iclcls.experiment import ResumeError
     from iclcls.experiment.study import run_study
 
     argv = ["iclcls", "study", str(config)] + [x for s in (set_ or []) for x in ("--set", s)]
@@ -365,8 +388,8 @@ def study(
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: finished examples are checkpointed; run the same command again to resume")
         raise typer.Exit(130)
-    except (ResumeError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
-        _fail(str(e))
+    except HANDLED as e:
+        _fail(e)
     for s in res.summary:
         _say(
             f"{s['select']:>16} {s['shots']:>3} shots: accuracy {100 * s['accuracy_mean']:.2f} ± "
@@ -434,7 +457,6 @@ def serve(
     if refusal:
         _fail(refusal)
     from iclcls.serve.app import ServeSettings, serve as run_service
-    from iclcls.store import StoreError
 
     settings = ServeSettings(
         max_texts=max_texts, max_text_chars=max_text_chars, max_examples=max_examples, max_body_bytes=max_body_bytes,
@@ -446,8 +468,8 @@ def serve(
                     admin_key=admin_key, trust_state=trust_state, lm=lm, snapshot_every=snapshot_every,
                     refresh_every_s=refresh_every_s, follow_poll_s=follow_poll_s, settings=settings,
                     log_level=log_level)
-    except (StoreError, ValueError, FileNotFoundError, KeyError) as e:
-        _fail(str(e))
+    except HANDLED as e:
+        _fail(e)
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def test_cli_fit_then_predict_round_trip(tmp_path, sample):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  benchmark: sample\nclassifier:\n  shots: -1\n")
     r = runner.invoke(app, ["fit", str(bad), "--out", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "classifier.shots" in r.output
+    assert r.exit_code == 78 and "classifier.shots" in r.output  # EX_CONFIG
 
 
 @pytest.mark.slow

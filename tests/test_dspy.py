@@ -303,11 +303,11 @@ def test_tiny_program_compiles_saves_and_reloads_with_identical_predictions(smol
 def test_compile_command_reports_bad_configs(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["compile", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "not found" in res.output
+    assert res.exit_code == 66 and "not found" in res.output  # EX_NOINPUT
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {benchmark: sample}\nclassifier: {program: dspy_irera, dspy: {optimizer: {name: sgd}}}\n")
     res = runner.invoke(app, ["compile", str(bad), "--out", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "classifier.dspy.optimizer.name" in res.output
+    assert res.exit_code == 78 and "classifier.dspy.optimizer.name" in res.output  # EX_CONFIG
 
 
 def test_loading_refuses_foreign_folders_and_unknown_options(tmp_path):

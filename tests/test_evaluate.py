@@ -230,7 +230,7 @@ def test_cli_eval(tmp_path, data_dir):
     assert metrics["n"] == 20 and 0 <= metrics["macro_f1"] <= 1
     assert "--test-size 20" in (out / "report.md").read_text()
     bad = runner.invoke(app, ["eval", str(cfg), "--out", str(out), "--set", "shots=-2"])
-    assert bad.exit_code == 2 and "classifier.shots" in bad.output
+    assert bad.exit_code == 78 and "classifier.shots" in bad.output  # EX_CONFIG
     stray = runner.invoke(app, ["eval", str(cfg), "shots=2,4"])
     assert stray.exit_code == 2 and "--sweep" in stray.output
 

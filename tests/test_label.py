@@ -155,7 +155,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, state, texts):
         label_corpus(src, state=state, out=tmp_path / "o.jsonl", options=opts())
     (tmp_path / "a.csv").write_text("sentence,id\nhello,1\n")
     r = CliRunner().invoke(app, ["label", str(tmp_path / "a.csv"), "--state", str(state), "--out", str(tmp_path / "c.jsonl")])
-    assert r.exit_code == 2 and "the columns are: sentence, id" in " ".join(r.output.split())
+    assert r.exit_code == 65 and "the columns are: sentence, id" in " ".join(r.output.split())
     # duplicate ids: refused up front, naming the first duplicate
     dup = write_jsonl(tmp_path / "d.jsonl", [{"id": x, "text": t} for x, t in zip(["a", "b", "c", "b", "a"], texts)])
     with pytest.raises(LabelInputError, match=r"duplicate id 'b' \(rows 1 and 3"):
@@ -194,7 +194,7 @@ def test_resume_with_other_options_or_state_is_refused(tmp_path, state, banking,
     other = tmp_path / "other"
     retriever_only(shortlist_k=3).fit(banking.train[:100]).save(other)
     r = CliRunner().invoke(app, ["label", str(src), "--state", str(other), "--out", str(out), "--quiet"])
-    assert r.exit_code == 2 and "different state" in " ".join(r.output.split())
+    assert r.exit_code == 65 and "different state" in " ".join(r.output.split())
     s = label_corpus(src, state=other, out=out, options=opts(overwrite=True))
     assert s.rows_done == 5 and all(len(r["labels"]) == 3 for r in read_rows(out))
     meta_path(out).unlink()  # rows without a sidecar cannot be resumed safely
@@ -410,7 +410,7 @@ def test_cli_prints_brackets_in_data_and_paths_as_they_are(tmp_path, state, text
     assert r.exit_code == 0, r.output
     assert "out[b].jsonl" in r.output and "runs[1]" in r.output
     r = CliRunner().invoke(app, ["label", str(src), "--state", str(d / "st[ate]"), "--out", str(d / "o.jsonl")])
-    assert r.exit_code == 2 and "st[ate]: not a saved ICLClassifier" in r.output, r.output
+    assert r.exit_code == 66 and "st[ate]: not a saved ICLClassifier" in r.output, r.output  # EX_NOINPUT
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  benchmark: sample\n  validation_size: null\nclassifier:\n  program: retriever_only\n  shortlist_k: 3\n")
     r = CliRunner().invoke(app, ["fit", str(cfg), "--out", str(d / "st")])

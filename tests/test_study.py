@@ -65,7 +65,7 @@ def test_study_cli_writes_rows_report_and_plot_then_resumes(tmp_path, data_dir):
     assert json.loads((out / "metrics.json").read_text()) == rows
     # A different fixed setting in the same folder is refused (it would mix configs).
     res3 = CliRunner().invoke(app, ["study", str(cfg), "--out", str(out), "--quiet", "--set", "classifier.shortlist_k=4"])
-    assert res3.exit_code == 2 and "different study config" in res3.output
+    assert res3.exit_code == 78 and "different study config" in res3.output  # ResumeError: EX_CONFIG
 
 
 def test_bad_study_configs_name_the_field(tmp_path):
@@ -76,7 +76,7 @@ def test_bad_study_configs_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"study\.deterministic"):
         load_study_config(write_config(tmp_path / "c.yaml", deterministic=["dpp"]))
     res = CliRunner().invoke(app, ["study", str(tmp_path / "missing.yaml")])
-    assert res.exit_code == 2 and "not found" in res.output
+    assert res.exit_code == 66 and "not found" in res.output  # EX_NOINPUT
 
 
 @pytest.mark.slow
