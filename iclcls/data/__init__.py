@@ -1,7 +1,7 @@
 """Data: user files (CSV/TSV/JSONL/JSON/Parquet), Hugging Face datasets, named benchmarks,
 class-incremental splits, and the small hand-written sample.
 
-Local files are read by ``tables.read_table`` (csv/json modules, pyarrow for Parquet);
+Local files are read by ``tables.read_table`` (pyarrow for CSV/TSV and Parquet, json for JSON/JSONL);
 ``datasets`` is imported only by ``load_hf_dataset`` (the Hub).
 """
 
