@@ -17,14 +17,7 @@ class IclclsError(Exception):
 class DataError(IclclsError, ValueError):
     """Bad or missing input data; the message names the file, the line/row and the field."""
 
-    def __init__(
-        self,
-        problem: str,
-        *,
-        path: str | Path | None = None,
-        location: str | None = None,
-        field: str | None = None,
-    ) -> None:
+    def __init__(self, problem: str, *, path: str | Path | None = None, location: str | None = None, field: str | None = None) -> None:
         self.problem = problem
         self.path = str(path) if path is not None else None
         self.location = location
@@ -91,8 +84,7 @@ def check_utf8(path: str | Path) -> None:
                 raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(
-                    f"not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}); "
-                    "save the file as UTF-8",
+                    f"not valid UTF-8 (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1}); save the file as UTF-8",
                     path=path,
                     location=f"line {lineno}",
                 ) from None

@@ -37,10 +37,18 @@ def test_every_class_is_an_iclcls_error_and_keeps_its_builtin():
     assert iclcls.IclclsError is IclclsError
     assert issubclass(iclcls.UntrustedStateError, iclcls.IclclsError)
     assert issubclass(UntrustedStateError, ConfigError) and issubclass(UntrustedStateError, ValueError)
-    for cls, builtin in [(DataError, ValueError), (ConfigError, ValueError), (LabelInputError, ValueError),
-                         (ResumeError, RuntimeError), (StoreError, RuntimeError), (LMBackendError, RuntimeError),
-                         (LMServerError, RuntimeError), (CapabilityError, RuntimeError), (LMUnavailable, RuntimeError),
-                         (UnknownNameError, KeyError)]:
+    for cls, builtin in [
+        (DataError, ValueError),
+        (ConfigError, ValueError),
+        (LabelInputError, ValueError),
+        (ResumeError, RuntimeError),
+        (StoreError, RuntimeError),
+        (LMBackendError, RuntimeError),
+        (LMServerError, RuntimeError),
+        (CapabilityError, RuntimeError),
+        (LMUnavailable, RuntimeError),
+        (UnknownNameError, KeyError),
+    ]:
         assert issubclass(cls, IclclsError) and issubclass(cls, builtin), cls
     assert issubclass(LabelInputError, DataError) and issubclass(ResumeError, ConfigError)
     assert issubclass(CapabilityError, LMBackendError) and issubclass(LMUnavailable, LMBackendError)
@@ -55,8 +63,7 @@ def test_not_fitted_error_is_also_scikit_learns_and_built_lazily():
     assert type(pickle.loads(pickle.dumps(e))) is nf
     # importing iclcls loads neither scikit-learn nor torch
     code = "import sys, iclcls; assert iclcls.IclclsError; print('sklearn' in sys.modules, 'torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == [
-        "False", "False"]
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
 
 
 def test_data_error_names_file_location_and_field():
@@ -70,9 +77,21 @@ def test_exit_code_by_class():
     from iclcls.cli import exit_code
     from iclcls.store.base import StoreLocked
 
-    assert [exit_code(e) for e in (DataError("x"), FileNotFoundError("x"), LMServerError("x"), UntrustedStateError("x"),
-                                   ConfigError("x"), UnknownNameError("x"), CapabilityError("x"), StoreLocked("x"),
-                                   ValueError("x"), KeyError("x"))] == [65, 66, 75, 77, 78, 78, 78, 2, 2, 2]
+    assert [
+        exit_code(e)
+        for e in (
+            DataError("x"),
+            FileNotFoundError("x"),
+            LMServerError("x"),
+            UntrustedStateError("x"),
+            ConfigError("x"),
+            UnknownNameError("x"),
+            CapabilityError("x"),
+            StoreLocked("x"),
+            ValueError("x"),
+            KeyError("x"),
+        )
+    ] == [65, 66, 75, 77, 78, 78, 78, 2, 2, 2]
 
 
 @pytest.fixture
@@ -100,8 +119,9 @@ def test_cli_exit_codes(cli, tmp_path):
 def test_cli_untrusted_state_exits_77(cli, tmp_path):
     state = tmp_path / "state"
     state.mkdir()
-    (state / "config.json").write_text(json.dumps(
-        {"format": "iclcls-classifier", "version": 1, "params": {"lm": "./local-weights"}, "embedder_name": "x"}))
+    (state / "config.json").write_text(
+        json.dumps({"format": "iclcls-classifier", "version": 1, "params": {"lm": "./local-weights"}, "embedder_name": "x"})
+    )
     inputs = tmp_path / "in.txt"
     inputs.write_text("I lost my card\n")
     res = cli("label", inputs, "--state", state, "--out", tmp_path / "out.jsonl")
