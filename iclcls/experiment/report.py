@@ -3,7 +3,7 @@ plot and table helpers here serve the study and continual-learning reports too.
 
 Rates are shown in percent with two decimals; published reference numbers (percent, as
 papers print them) sit in their own columns beside ours. Plots are PNG files next to the
-report and linked from it.
+report and linked from it. One module (~410 lines): every report shares these helpers.
 """
 
 from __future__ import annotations

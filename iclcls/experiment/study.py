@@ -19,6 +19,7 @@ counter, so the report shows LM requests, prompt tokens and the tokens actually 
 (after shared-prefix reuse) per query. Outputs: ``OUT/metrics.json`` (one row per
 selector, shots and seed), ``OUT/summary.json``, ``OUT/report.md`` and
 ``OUT/accuracy_vs_shots.png``. Re-running resumes: finished points are re-scored only.
+The config, the grid, the runner and the report stay together (~420 lines): one command.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ Nothing fails quietly: every error names the server URL. The context window come
 the server (vLLM's ``max_model_len``) or from ``context_window=``, never from a guess;
 tokens are counted by the server's ``/tokenize`` or a local ``tokenizer=``, or, only when
 asked (``approximate_tokens=True``), estimated as chars/4, which each prompt's trace records.
+One backend, one module (~430 lines): the LM protocol over one HTTP client.
 """
 
 from __future__ import annotations

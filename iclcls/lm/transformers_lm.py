@@ -13,7 +13,8 @@ reference the shared path is tested against, and the benchmark's baseline.
 queries, or one class prompt per class for the channel ranker) prefills that prefix once and keeps its KV cache in an LRU keyed by its text (bounded in entries and bytes).
 
 Beside this class: loading (``hf_loading``, ``gguf``), KV-cache forking and prefix reuse
-(``kv_cache``), the suffix modes (``suffix_modes``), generation and chat (``hf_generate``).
+(``kv_cache``), the suffix modes (``suffix_modes``), generation and chat (``hf_generate``);
+what stays here (~430 lines) is one backend's LM protocol and its shared-prefix scoring path.
 """
 
 from __future__ import annotations

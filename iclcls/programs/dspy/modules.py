@@ -11,6 +11,9 @@
   counted; retrieval order fills the rest.
 - ``IReRa``: the three composed as in the paper, each step with its own LM if given.
 
+One module (~440 lines) because the four steps share the signatures, the label mapping and
+the per-step statistics; apart they would import each other.
+
 Only the Predict parameters (instructions, demonstrations) are DSPy state; LMs and the
 retriever are runtime parts held in :class:`Shared` so DSPy's deep copies (optimizers copy
 programs many times) share them instead of copying a loaded model.
