@@ -90,8 +90,9 @@ def row(system: str, n: int, seconds: float, acc, tokens: int, **extra) -> dict:
 
 def bench_openicl(lm, clf, test, args) -> dict:
     """PPLInferencer's cost model: one full forward per (query, label), no reuse, all labels."""
-    import numpy as np
     from dataclasses import replace
+
+    import numpy as np
 
     queries = test[: args.n_openicl]
     builder = replace(clf.builder_, show_candidates=False)  # OpenICL's template lists no labels

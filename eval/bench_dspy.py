@@ -102,10 +102,10 @@ def main() -> None:
 
     import yaml
 
-    from iclcls.experiment.compile import load_compile_config
-    from iclcls.programs.dspy.compile import LMPool, build_program, compile_split, fit_retriever, load_compiled, optimize, save_compiled
     from iclcls.experiment import load_splits
+    from iclcls.experiment.compile import load_compile_config
     from iclcls.io import atomic_write_json
+    from iclcls.programs.dspy.compile import LMPool, build_program, compile_split, fit_retriever, load_compiled, optimize, save_compiled
 
     tag = "" if args.lm in (None, "smollm2") else "_" + args.lm.replace(":", "-").replace("/", "-")
     config = args.config or str(REPO / f"eval/configs/esco_{args.benchmark}_dspy.yaml")

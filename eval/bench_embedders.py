@@ -145,7 +145,7 @@ def fresh_embedder(spec: str):
 
 def startup_seconds(spec: str) -> float:
     """Wall time of a fresh process that imports iclcls, loads ``spec`` and embeds one text."""
-    code = "from iclcls.embed import get_embedder; get_embedder(%r, cache=False).encode(['start'])" % spec
+    code = f"from iclcls.embed import get_embedder; get_embedder({spec!r}, cache=False).encode(['start'])"
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True)
     return round(time.perf_counter() - t, 2)

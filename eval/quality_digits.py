@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from iclcls.classifier import ICLClassifier
-from iclcls.data.images import digits_examples, few_shot_split as split
+from iclcls.data.images import digits_examples
+from iclcls.data.images import few_shot_split as split
 from iclcls.embed import get_embedder
 from iclcls.io import atomic_write_json
 from iclcls.types import Example

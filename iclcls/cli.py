@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -18,8 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from iclcls.errors import (CapabilityError, ConfigError, DataError, IclclsError, LMBackendError, LMServerError,
-                           UntrustedStateError)
+from iclcls.errors import CapabilityError, ConfigError, DataError, IclclsError, LMBackendError, LMServerError, UntrustedStateError
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (  # the first class that matches wins; else 2
     (DataError, 65), (FileNotFoundError, 66), (CapabilityError, 78), (LMBackendError, 75),
@@ -59,7 +58,7 @@ def _fail(error: str | BaseException, code: int | None = None) -> NoReturn:
 @app.command()
 def data(
     name: str = typer.Argument(..., help="benchmark name, e.g. banking77, clinc150, esco_tech"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data folder (default: $ICLCLS_DATA or ../shared/data)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="benchmark data folder (default: $ICLCLS_DATA or ../shared/data)"),
 ) -> None:
     """Print a benchmark's split sizes and label count as JSON."""
     from iclcls.data import load_benchmark
@@ -127,7 +126,7 @@ def demo(
     )
 
 
-def _run_label(inputs: Path, state: Path, out: Optional[Path], **options) -> None:
+def _run_label(inputs: Path, state: Path, out: Path | None, **options) -> None:
     """Shared by `label` and its alias `predict`: run, print the summary, set the exit code."""
     from iclcls.label import LabelOptions, LMUnavailable, label_corpus
 
@@ -136,7 +135,7 @@ def _run_label(inputs: Path, state: Path, out: Optional[Path], **options) -> Non
     except KeyboardInterrupt:
         where = f"{out} holds every finished chunk; run the same command again to resume" if out else "stopped"
         Console(stderr=True).print(f"[yellow]interrupted[/yellow]: {escape(where)}")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except LMUnavailable as e:
         done = e.summary.rows_done if e.summary is not None else 0
         kept = f"the {done} rows labelled before it are in {out}, nothing for the rest" if done else "no row was written"
@@ -163,26 +162,26 @@ def label(
     state: Path = typer.Option(..., "--state", help="a folder written by `iclcls fit` / ICLClassifier.save"),
     out: Path = typer.Option(..., "--out", help="JSONL output; re-running the same command resumes it"),
     text_field: str = typer.Option("text", "--text-field", help="the text column"),
-    id_field: Optional[str] = typer.Option(None, "--id-field", help="the id column (default: the row number, from 0)"),
+    id_field: str | None = typer.Option(None, "--id-field", help="the id column (default: the row number, from 0)"),
     with_text: bool = typer.Option(False, "--with-text", help="copy each input text into its row"),
     trace: bool = typer.Option(False, "--trace", help="add candidates, demonstrations and the prompt to each row"),
-    alpha: Optional[float] = typer.Option(
+    alpha: float | None = typer.Option(
         None, "--alpha", min=0.0, max=1.0, help="add each row's conformal label set ('set'), covering the gold label w.p. >= 1 - alpha"
     ),
-    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="label only the first N rows (a dry run)"),
+    limit: int | None = typer.Option(None, "--limit", min=0, help="label only the first N rows (a dry run)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start OUT over instead of resuming it"),
     skip_errors: bool = typer.Option(
         False, "--skip-errors", help="resume: keep OUT's error rows as done (default: label them again)"
     ),
-    lm: Optional[str] = typer.Option(None, "--lm", help="override the saved LM spec, e.g. openai:MODEL@URL"),
+    lm: str | None = typer.Option(None, "--lm", help="override the saved LM spec, e.g. openai:MODEL@URL"),
     trust_state: bool = typer.Option(
         False, "--trust-state", help="trust the state folder: let it name an LM endpoint, local model, file or template"
     ),
     engine: str = typer.Option("local", "--engine", help="local, or ray (a Ray Data job; pip install 'iclcls[ray]')"),
     workers: int = typer.Option(1, "--workers", min=1, help="ray: actors, each loading the state once"),
-    address: Optional[str] = typer.Option(None, "--address", help="ray: cluster address (default: start a local one)"),
+    address: str | None = typer.Option(None, "--address", help="ray: cluster address (default: start a local one)"),
     chunk_rows: int = typer.Option(256, "--chunk-rows", min=1, help="rows per chunk (each chunk is written and fsynced)"),
-    store: Optional[str] = typer.Option(
+    store: str | None = typer.Option(
         None, "--store", help="also use the classes added live: the store of `iclcls serve --store` (a SQLite file or "
         "postgresql://...), up to its current seq (kept in OUT.meta.json; a resume uses the same seq)",
     ),
@@ -202,14 +201,14 @@ def label(
 def predict(
     inputs: Path = typer.Argument(..., help="JSONL, CSV, TSV, Parquet or .txt (one text per line)"),
     state: Path = typer.Option(..., "--state", help="a folder written by `iclcls fit` / ICLClassifier.save"),
-    out: Optional[Path] = typer.Option(None, "--out", help="JSONL output (default: stdout)"),
-    lm: Optional[str] = typer.Option(None, help="override the saved LM spec"),
+    out: Path | None = typer.Option(None, "--out", help="JSONL output (default: stdout)"),
+    lm: str | None = typer.Option(None, help="override the saved LM spec"),
     text_field: str = typer.Option("text", help="the text column"),
-    id_field: Optional[str] = typer.Option(None, "--id-field", help="the id column (default: the row number)"),
+    id_field: str | None = typer.Option(None, "--id-field", help="the id column (default: the row number)"),
     trust_state: bool = typer.Option(
         False, "--trust-state", help="trust the state folder: let it name an LM endpoint, local model, file or template"
     ),
-    store: Optional[str] = typer.Option(
+    store: str | None = typer.Option(
         None, "--store", help="also use the classes added live (the store of `iclcls serve`), up to its current seq"
     ),
 ) -> None:
@@ -224,8 +223,8 @@ def fit(
     out: Path = typer.Option(..., "--out", help="folder to save the fitted state to"),
 ) -> None:
     """Fit a classifier from a config (embeddings, index, tuning on validation) and save its state."""
-    from iclcls.experiment.config import FitConfig, load_config
     from iclcls.experiment import build_classifier, load_splits
+    from iclcls.experiment.config import FitConfig, load_config
 
     try:
         cfg = load_config(config, FitConfig)
@@ -242,8 +241,8 @@ def fit(
 @app.command("compile")
 def compile_(
     config: Path = typer.Argument(..., help="YAML with data: and classifier: {program: dspy_irera, dspy: {...}} (e.g. eval/configs/esco_tech_dspy.yaml)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="folder for the compiled program (default: classifier.compiled)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="override data.data_dir"),
+    out: Path | None = typer.Option(None, "--out", help="folder for the compiled program (default: classifier.compiled)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="override data.data_dir"),
 ) -> None:
     """Compile Infer-Retrieve-Rank as a DSPy program on the validation split and save it
     (DSPy JSON state + the retriever's state; no pickle)."""
@@ -259,12 +258,12 @@ def compile_(
 @app.command("eval")
 def eval_(
     config: Path = typer.Argument(..., help="experiment YAML with data:, classifier: and eval: sections"),
-    more_axes: Optional[list[str]] = typer.Argument(None, help="more sweep axes after --sweep, e.g. shots=2,4,8", show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<config name>)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="override data.data_dir"),
-    test_size: Optional[int] = typer.Option(None, "--test-size", min=1, help="override data.test_size (a seeded subset)"),
-    sweep: Optional[list[str]] = typer.Option(None, "--sweep", help="a grid axis KEY=V1,V2,... (repeatable; more axes may follow)"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override one option, KEY=VALUE (repeatable), e.g. classifier.shots=4"),
+    more_axes: list[str] | None = typer.Argument(None, help="more sweep axes after --sweep, e.g. shots=2,4,8", show_default=False),
+    out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<config name>)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="override data.data_dir"),
+    test_size: int | None = typer.Option(None, "--test-size", min=1, help="override data.test_size (a seeded subset)"),
+    sweep: list[str] | None = typer.Option(None, "--sweep", help="a grid axis KEY=V1,V2,... (repeatable; more axes may follow)"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override one option, KEY=VALUE (repeatable), e.g. classifier.shots=4"),
     force: bool = typer.Option(False, "--force", help="discard a run of a different config (or a finished run) in --out"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
@@ -272,9 +271,8 @@ def eval_(
     metrics.json, predictions.jsonl, report.md (+ plots) and the resolved config to --out."""
     import shlex
 
-    from iclcls.experiment.config import EvalConfig, load_yaml, parse
     from iclcls.experiment import run_experiment as run_eval
-    from iclcls.experiment.config import apply_overrides, parse_assignments
+    from iclcls.experiment.config import EvalConfig, apply_overrides, load_yaml, parse, parse_assignments
     from iclcls.experiment.sweep import run_sweep
 
     _EVAL_SHOW = ("accuracy", "micro_f1", "macro_f1", "rp@5", "rp@10", "r@10", "r@50")
@@ -310,7 +308,7 @@ def eval_(
         res = run_eval(cfg, target, force=force, command=command, show_progress=not quiet)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: finished examples are checkpointed; run the same command again to resume")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except LMServerError as e:
         _fail(f"the LM server failed: {e}\nfinished examples are checkpointed; run the same command again to resume", exit_code(e))
     except HANDLED as e:
@@ -326,9 +324,9 @@ def eval_(
 def cil(
     config: Path = typer.Argument(..., help="continual-learning YAML: data:, tasks:, methods: (see eval/configs/cil_*.yaml)"),
     out: Path = typer.Option(..., "--out", help="folder for metrics.json, report.md and the accuracy-vs-task plot"),
-    methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated method names to run (default: all)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="override data.data_dir"),
-    test_size: Optional[int] = typer.Option(None, "--test-size", min=1, help="override data.test_size (a seeded subset)"),
+    methods: str | None = typer.Option(None, "--methods", help="comma-separated method names to run (default: all)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="override data.data_dir"),
+    test_size: int | None = typer.Option(None, "--test-size", min=1, help="override data.test_size (a seeded subset)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Class-incremental learning: classes arrive task by task; evaluate on all seen classes after each task."""
@@ -366,8 +364,8 @@ def cil(
 @app.command("study")
 def study(
     config: Path = typer.Argument(..., help="study YAML: data:, classifier:, eval: and study: (selectors, shots, seeds)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="study directory (default: runs/<config name>)"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override one fixed option, KEY=VALUE (repeatable)"),
+    out: Path | None = typer.Option(None, "--out", help="study directory (default: runs/<config name>)"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override one fixed option, KEY=VALUE (repeatable)"),
     force: bool = typer.Option(False, "--force", help="discard runs of a different config in --out"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
@@ -388,7 +386,7 @@ def study(
         res = run_study(config, target, overrides=overrides, force=force, show_progress=not quiet, command=study_command)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: finished examples are checkpointed; run the same command again to resume")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except HANDLED as e:
         _fail(e)
     for s in res.summary:
@@ -402,7 +400,7 @@ def study(
 @app.command("serve")
 def serve(
     state: Path = typer.Option(..., "--state", help="a folder written by `iclcls fit` / ICLClassifier.save (only read, never written)"),
-    store: Optional[str] = typer.Option(
+    store: str | None = typer.Option(
         None, "--store",
         help="where the classes added live are kept: a SQLite file (one server; snapshots in STORE.snapshots/, the "
         "writer lock in STORE.lock; default: DIR.additions.sqlite beside the --state folder DIR, never inside it), "
@@ -410,13 +408,13 @@ def serve(
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (non-loopback needs --api-key-env)"),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
-    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="name of the environment variable holding the classify key (Bearer auth)"),
-    admin_key_env: Optional[str] = typer.Option(
+    api_key_env: str | None = typer.Option(None, "--api-key-env", help="name of the environment variable holding the classify key (Bearer auth)"),
+    admin_key_env: str | None = typer.Option(
         None, "--admin-key-env",
         help="name of the environment variable holding the admin key, for adding and listing classes (default: the classify key)",
     ),
     trust_state: bool = typer.Option(False, "--trust-state", help="trust the state folder: let it name an LM endpoint, local model, file or template"),
-    lm: Optional[str] = typer.Option(None, "--lm", help="override the saved LM spec"),
+    lm: str | None = typer.Option(None, "--lm", help="override the saved LM spec"),
     snapshot_every: int = typer.Option(100, "--snapshot-every", min=1, help="write a snapshot after this many additions"),
     refresh_every_s: float = typer.Option(
         60.0, "--refresh-every-s", min=0, help="refit stages that additions leave stale this often (seconds; 0: never)"
@@ -444,7 +442,7 @@ def serve(
 
     from iclcls.serve.auth import bind_refusal
 
-    def key_from(flag: str, name: Optional[str]) -> Optional[str]:
+    def key_from(flag: str, name: str | None) -> str | None:
         if not name:
             return None
         value = os.environ.get(name, "")
@@ -457,7 +455,8 @@ def serve(
     refusal = bind_refusal(host, key)
     if refusal:
         _fail(refusal)
-    from iclcls.serve.app import ServeSettings, serve as run_service
+    from iclcls.serve.app import ServeSettings
+    from iclcls.serve.app import serve as run_service
 
     settings = ServeSettings(
         max_texts=max_texts, max_text_chars=max_text_chars, max_examples=max_examples, max_body_bytes=max_body_bytes,

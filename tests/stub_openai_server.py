@@ -18,7 +18,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-
 class JsonHandler(BaseHTTPRequestHandler):
     """Quiet request handler that answers JSON (shared by the stub process and in-test servers)."""
 

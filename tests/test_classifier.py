@@ -7,14 +7,14 @@ import re
 
 import numpy as np
 import pytest
+from scripted_lm import ScriptedLM
 from typer.testing import CliRunner
 
-from iclcls import Example, ICLClassifier, LabelSpace, NotFittedError
+from iclcls import Example, ICLClassifier, NotFittedError
 from iclcls.cli import app
 from iclcls.data import load_benchmark
 from iclcls.experiment import subset
 from iclcls.programs import knn_fusion, retrieval_icl, retriever_only
-from scripted_lm import ScriptedLM
 
 
 @pytest.fixture(scope="module")

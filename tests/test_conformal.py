@@ -27,8 +27,8 @@ def test_split_conformal_covers_at_the_promised_rate():
     data = _synthetic(4000, 10, rng)
     cal, test = data[:1000], data[1000:]
     for alpha in (0.05, 0.1, 0.2):
-        q = cp.conformal_quantile([cp.nonconformity(l, s, g) for l, s, g in cal], alpha)
-        sets = [cp.single_label_set(l, s, q) for l, s, _ in test]
+        q = cp.conformal_quantile([cp.nonconformity(labs, s, g) for labs, s, g in cal], alpha)
+        sets = [cp.single_label_set(labs, s, q) for labs, s, _ in test]
         coverage = np.mean([g[0] in st for st, (_, _, g) in zip(sets, test)])
         assert abs(coverage - (1 - alpha)) < 0.025, (alpha, coverage)
         assert 1 <= np.mean([len(st) for st in sets]) < 10  # informative: not every label
@@ -57,11 +57,11 @@ def test_risk_control_bounds_the_false_negative_rate():
         data.append((labels, scores, gold))
     cal, test = data[:600], data[600:]
     for alpha in (0.1, 0.2):
-        lam = cp.crc_lambda([(l, s) for l, s, _ in cal], [g for *_, g in cal], alpha)
-        fnr = np.mean([cp.fnr(l, s, g, lam) for l, s, g in test])
+        lam = cp.crc_lambda([(labs, s) for labs, s, _ in cal], [g for *_, g in cal], alpha)
+        fnr = np.mean([cp.fnr(labs, s, g, lam) for labs, s, g in test])
         assert fnr <= alpha + 0.02, (alpha, fnr)
         assert fnr >= alpha - 0.06  # and not trivially conservative
-        assert np.mean([len(cp.multi_label_set(l, s, lam)) for l, s, _ in test]) < 20
+        assert np.mean([len(cp.multi_label_set(labs, s, lam)) for labs, s, _ in test]) < 20
 
 
 @pytest.fixture(scope="module")

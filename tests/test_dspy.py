@@ -13,9 +13,9 @@ from scripted_lm import ScriptedLM  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from iclcls.cli import app  # noqa: E402
+from iclcls.metrics import one_se_choice  # noqa: E402
 from iclcls.programs.dspy import Infer, IReRa, Rank, dspy_lm, served_lm  # noqa: E402
 from iclcls.programs.dspy.lm import GuidedDecoder  # noqa: E402
-from iclcls.metrics import one_se_choice  # noqa: E402
 from iclcls.rank.fusion import fuse_rankings  # noqa: E402
 
 SAMPLE_LABELS = ["card_lost", "refund_request", "change_address", "cancel_subscription", "track_order", "reset_password", "billing_error", "speak_to_agent"]
@@ -263,8 +263,8 @@ def _tiny_config(tmp_path, **optimizer):
 
 @pytest.mark.slow
 def test_tiny_program_compiles_saves_and_reloads_with_identical_predictions(smollm, sample, tmp_path):
-    from iclcls.programs.dspy.classifier import DSPyIReRaClassifier
     from iclcls.experiment.compile import compile_program
+    from iclcls.programs.dspy.classifier import DSPyIReRaClassifier
     from iclcls.programs.dspy.compile import LMPool, load_compiled, save_compiled
 
     path, cfg = _tiny_config(tmp_path)
@@ -345,8 +345,8 @@ def test_served_rank_is_restricted_to_candidates_by_guided_decoding(openai_lm, s
 
 def test_eval_harness_builds_the_adapter_from_the_classifier_section():
     from iclcls.experiment.config import ClassifierConfig
-    from iclcls.programs.dspy.classifier import DSPyIReRaClassifier
     from iclcls.experiment.fit import build_classifier
+    from iclcls.programs.dspy.classifier import DSPyIReRaClassifier
 
     section = ClassifierConfig(program="dspy_irera", compiled="runs/x", dspy={"rank": {"max_labels": 5}}, top_k=3, tune=True)
     clf = build_classifier(section, quiet=True)

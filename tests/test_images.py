@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from iclcls.data import DataError, load_examples, load_image_folder
-from iclcls.data.images import digits_examples, few_shot_split as split
+from iclcls.data.images import digits_examples
+from iclcls.data.images import few_shot_split as split
 from iclcls.embed import default_embedder, encode_examples, get_embedder
 from iclcls.pool import Pool
 from iclcls.types import Example

@@ -8,16 +8,17 @@ are a few dozen real test sentences (500 for the Ray comparison).
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
+from scripted_lm import ScriptedLM
 from typer.testing import CliRunner
 
 from iclcls.cli import app
 from iclcls.label import LabelInputError, LabelOptions, ResumeRefused, label_corpus, meta_path
 from iclcls.label.readers import Record
 from iclcls.label.rows import RowOptions, label_records
-from scripted_lm import ScriptedLM
 
 Q = LabelOptions(progress=False, chunk_rows=8)
 
@@ -423,8 +424,7 @@ def test_cli_prints_brackets_in_data_and_paths_as_they_are(tmp_path, state, text
 STUB = Path(__file__).resolve().parent / "stub_openai_server.py"
 
 
-def _start_stub(port: int, log: Path) -> "subprocess.Popen":
-    import subprocess
+def _start_stub(port: int, log: Path) -> subprocess.Popen:
     import sys
 
     proc = subprocess.Popen(
@@ -451,8 +451,8 @@ def test_lm_server_killed_mid_run_stops_the_run_and_the_rerun_labels_every_row_o
     import sys
     import time
 
-    from iclcls.label import EXIT_LM_UNAVAILABLE
     from iclcls.classifier import ICLClassifier
+    from iclcls.label import EXIT_LM_UNAVAILABLE
     from iclcls.lm.server import free_port
 
     port = free_port()

@@ -15,11 +15,11 @@ from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from stub_openai_server import JsonHandler
 
 from iclcls.lm.base import LM, CapabilityError
 from iclcls.lm.openai_compat import OpenAICompatibleLM, ServerError, _api_base, image_to_url
 from iclcls.lm.server import ServerHandle, free_port
-from stub_openai_server import JsonHandler
 
 TOL = 2e-3  # nats per token, as in test_lm_vllm.py (measured differences are ~1e-5)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iclcls.lm.base import CapabilityError, LM
+from iclcls.lm.base import LM, CapabilityError
 from iclcls.lm.vllm_engine import continuation_start, prefix_order
 
 REPO = Path(__file__).resolve().parents[1]

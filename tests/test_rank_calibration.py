@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scripted_lm import ScriptedLM
 
 from iclcls.prompt import PromptBuilder, RenderedPrompt
 from iclcls.rank import get_ranker
 from iclcls.rank.base import RankContext
 from iclcls.types import Candidates, Example, Query
-from scripted_lm import ScriptedLM
 
 
 class TableLM(ScriptedLM):

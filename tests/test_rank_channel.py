@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scripted_lm import ScriptedLM
 
 from iclcls import ICLClassifier
 from iclcls.data import load_benchmark
@@ -12,7 +13,6 @@ from iclcls.programs import knn_channel
 from iclcls.rank import get_ranker
 from iclcls.rank.base import RankContext
 from iclcls.types import Candidates, Example, Query
-from scripted_lm import ScriptedLM
 
 
 class OverlapLM(ScriptedLM):

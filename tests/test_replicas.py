@@ -19,9 +19,8 @@ import threading
 import time
 
 import httpx
-import pytest
-
 import pg_cluster
+import pytest
 from test_serve import BASE, NEW, PER_CLASS, REPO, Server, _add, _classes, _classify, banking, base_state  # noqa: F401
 
 PROBE_CLASSES = BASE + NEW

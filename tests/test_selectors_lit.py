@@ -10,10 +10,10 @@ from iclcls import Example, ICLClassifier
 from iclcls.data import load_examples
 from iclcls.experiment import subset
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.select import get_selector
 from iclcls.select.dpp import dpp_kernel, greedy_map
 from iclcls.select.influence import SoftmaxRegression, influence_scores
+from iclcls.types import Candidates, Query
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import json
 import shutil
 
 import pytest
+from test_serve import BASE, NEW, PER_CLASS, banking, base_state  # noqa: F401  (fixtures)
 
-from iclcls.store.additions import Addition
 from iclcls.serve.batcher import MicroBatcher
 from iclcls.serve.state import AdditionRefused, LiveClassifier
 from iclcls.store import KeyConflict, StoreError, StoreLocked, open_store
+from iclcls.store.additions import Addition
 from iclcls.types import check_text
-from test_serve import BASE, NEW, PER_CLASS, banking, base_state  # noqa: F401  (fixtures)
 
 BAD_TEXTS = ["ab\ud800cd", "x\udfffy", "nul\x00byte", "\ud83d"]
 

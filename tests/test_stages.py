@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scripted_lm import ScriptedLM
 
 from iclcls import Example, ICLClassifier
+from iclcls.experiment import subset
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.prompt import PromptBuilder
 from iclcls.rank import get_ranker
 from iclcls.rank.base import RankContext
 from iclcls.select import get_selector
 from iclcls.shortlist import get_shortlister
-from iclcls.experiment import subset
-from scripted_lm import ScriptedLM
+from iclcls.types import Candidates, Query
 
 
 @pytest.fixture(scope="module")

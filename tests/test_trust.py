@@ -12,12 +12,12 @@ import json
 import shutil
 
 import pytest
+from scripted_lm import ScriptedLM
 from typer.testing import CliRunner
 
 from iclcls import ICLClassifier, UntrustedStateError
 from iclcls.data import load_benchmark
 from iclcls.programs import retriever_only
-from scripted_lm import ScriptedLM
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,6 @@ def is_known_embedder(spec: str | None) -> bool:
     if spec is None:
         return True
     from iclcls.embed import mpnet
-
     from iclcls.embed.specs import is_offline_name
 
     names = (_DEFAULT_ALIASES - {None}) | mpnet.ALIASES
@@ -74,12 +73,12 @@ def is_known_embedder(spec: str | None) -> bool:
     return name in names or is_offline_name(name) or bool(_PIXELS_SPEC.fullmatch(spec))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _st(spec: str, device: str | None, name: str | None) -> SentenceTransformerEmbedder:
     return SentenceTransformerEmbedder(spec, device=device, name=name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pixels(spec: str) -> Embedder:
     from iclcls.embed.image import PixelEmbedder
 
@@ -93,14 +92,14 @@ def _pixels(spec: str) -> Embedder:
     return PixelEmbedder(size=(w, h), mode=parts[2] if len(parts) > 2 else "L")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _clip(model: str, device: str | None) -> Embedder:
     from iclcls.embed.image import ClipEmbedder
 
     return ClipEmbedder(model, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exported(folder: str, backend: str, name: str) -> Embedder:
     """One instance per (model folder, backend): its runtime and tokenizer load once per process."""
     if backend in ("onnx", "onnx-int8"):
@@ -142,7 +141,7 @@ def _backend_embedder(model: str, backend: str, *, cache: bool, cache_dir: str |
     return _maybe_cached(_exported(str(folder), backend, f"{base}@{backend}"), cache, cache_dir)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached(embedder: Embedder, cache_dir: Path) -> CachedEmbedder:
     return CachedEmbedder(embedder, cache_dir=cache_dir)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from iclcls.io import atomic_write_text
 from iclcls.util import cache_dir
 
-
 _SKIP_DIRS = {"onnx", "openvino", ".git"}  # exports a folder may already carry are not the source
 
 

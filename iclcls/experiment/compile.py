@@ -12,7 +12,13 @@ from pydantic import BaseModel, ConfigDict
 from iclcls.experiment.config import DataConfig, load_yaml, parse
 from iclcls.experiment.splits import load_splits
 from iclcls.programs.dspy.compile import (
-    LMPool, ProgramOptions, build_program, compile_split, fit_retriever, optimize, save_compiled,
+    LMPool,
+    ProgramOptions,
+    build_program,
+    compile_split,
+    fit_retriever,
+    optimize,
+    save_compiled,
 )
 
 

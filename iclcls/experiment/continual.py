@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from iclcls.errors import ConfigError
-from iclcls.experiment.config import ClassifierConfig, DataConfig, load_yaml, parse
 from iclcls.experiment import build_classifier, load_splits, remember_lm, subset
+from iclcls.experiment.config import ClassifierConfig, DataConfig, load_yaml, parse
 from iclcls.experiment.report import figure, fmt, markdown_table, pyplot, save_png
 from iclcls.io import atomic_write_json, atomic_write_text
 from iclcls.metrics import average_incremental_accuracy, forgetting, wilson_interval

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from iclcls.experiment.config import EvalConfig, config_hash
 from iclcls.experiment.checkpoint import PARTIAL, PREDICTIONS, ChunkCallback, PredictionCheckpoint, ResumeError, read_predictions
+from iclcls.experiment.config import EvalConfig, config_hash
 from iclcls.experiment.fit import Prepared, prepare
 from iclcls.experiment.splits import subset
 from iclcls.io import atomic_write_json, atomic_write_text, read_json

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from iclcls.experiment.config import DataConfig
 from iclcls.data.benchmark import Benchmark
+from iclcls.experiment.config import DataConfig
 from iclcls.types import Example, LabelSpace
 
 Splits = Benchmark  # an experiment's splits are a benchmark, subsetted as configured

@@ -34,8 +34,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from iclcls.errors import ConfigError
-from iclcls.experiment.config import EvalConfig, apply_overrides, load_yaml, parse
 from iclcls.experiment import PARTIAL, Prepared, run_experiment
+from iclcls.experiment.config import EvalConfig, apply_overrides, load_yaml, parse
 from iclcls.experiment.report import figure, markdown_table, pyplot, save_png
 from iclcls.io import atomic_write_json, atomic_write_text, read_json
 from iclcls.lm.counting import CountingLM
@@ -261,7 +261,7 @@ def run_study(
     if isinstance(spec, str):
         lm_cache[spec] = CountingLM(lm if lm is not None else get_lm(spec))
     results: dict[str, dict[str, Any]] = {}
-    for i, (run, p) in enumerate(runs.items(), 1):
+    for i, run in enumerate(runs, 1):
         if show_progress:
             print(f"[study {i}/{len(runs)}] {run}", flush=True)
         results[run] = run_point(cfgs[run], out / "runs" / run, opts=opts, lm_cache=lm_cache, force=force,
@@ -307,7 +307,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         runs = {r["run"]: r for r in rs}
         distinct = list(runs.values())
 
-        def mean(key: str) -> float | None:
+        def mean(key: str, distinct: list[dict[str, Any]] = distinct) -> float | None:
             vals = [r[key] for r in distinct if key in r]
             return float(np.mean(vals)) if vals else None
 

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from iclcls.errors import ConfigError
-from iclcls.experiment.config import EvalConfig, apply_overrides, parse
 from iclcls.experiment import RunResult, primary_metric, run_experiment
+from iclcls.experiment.config import EvalConfig, apply_overrides, parse
 from iclcls.io import atomic_write_json
+
 
 def _slug(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from iclcls.data.tables import csv_options
-from iclcls.label.readers import Format, Record, csv_columns, parse_line, records_from_columns, unknown_id
 from iclcls.errors import LMServerError
+from iclcls.label.readers import Format, Record, csv_columns, parse_line, records_from_columns, unknown_id
 from iclcls.label.rows import LMUnavailable, RowOptions, label_records, prepare
 
 SKIPPED = ""  # a worker's marker for a row already in OUT (kept so the driver's numbering holds)

@@ -19,11 +19,10 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from iclcls.label.output import JsonlSink, StdoutSink, check_writable, state_fingerprint
-from iclcls.label.readers import LabelInputError, chunked, check_unique_ids, detect_format, inspect_input, iter_records
 from iclcls.label.live import load_labeller, store_seq_for
-from iclcls.label.rows import (LMUnavailable, RowOptions, check_row_options, embedding_bound, label_records, prepare,
-                               query_embeddings)
+from iclcls.label.output import JsonlSink, StdoutSink, check_writable, state_fingerprint
+from iclcls.label.readers import LabelInputError, check_unique_ids, chunked, detect_format, inspect_input, iter_records
+from iclcls.label.rows import LMUnavailable, RowOptions, check_row_options, embedding_bound, label_records, prepare, query_embeddings
 
 EXIT_LM_UNAVAILABLE = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, run the same command again
 

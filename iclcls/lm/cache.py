@@ -265,7 +265,7 @@ class CachedLM(BaseLM):
             backend_requests = [(p, list(m.values())) for p, m in todo.items()]
             results = self.lm.score_batch(backend_requests, **options)
             fresh = {}
-            for (prompt, m), scores in zip(todo.items(), results):
+            for (_prompt, m), scores in zip(todo.items(), results):
                 for k, s in zip(m, scores):
                     fresh[k] = [float(x) for x in np.asarray(s, dtype=np.float64)]
             self._store_all(fresh)

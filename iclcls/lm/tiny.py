@@ -24,8 +24,7 @@ def tiny_llava(directory: str | Path, *, tokenizer_dir: str | Path | None = None
     """Save a LLaVA (CLIP vision tower, 2-layer Llama text model, hidden size 32) with SmolLM2's
     tokenizer plus an ``<image>`` token to ``directory``; return it."""
     import torch
-    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     if tokenizer_dir is None:

@@ -33,8 +33,8 @@ from iclcls.lm.common import check_choices, likeliest
 from iclcls.lm.gguf import gguf_metadata_value  # noqa: F401  (re-exported: it lived here)
 from iclcls.lm.hf_generate import generate_ids, render_chat
 from iclcls.lm.hf_loading import Loaded, context_window_of, load_causal_lm, special_ids
-from iclcls.lm.models import ModelSource
 from iclcls.lm.kv_cache import PrefixState, cache_bytes, fork_cache, start_from_prefix
+from iclcls.lm.models import ModelSource
 from iclcls.lm.suffix_modes import Encoded, batched_logits, choose_suffix_mode, layer_kinds, packed_logits
 from iclcls.lm.tree_batch import Prefix, TreeRequest, tree_scores
 from iclcls.util import common_prefix_len

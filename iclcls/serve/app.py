@@ -24,7 +24,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from iclcls.store.additions import Addition
 from iclcls.serve.auth import Guard
 from iclcls.serve.batcher import MicroBatcher, Overloaded
 from iclcls.serve.metrics import Metrics
@@ -40,6 +39,7 @@ from iclcls.serve.models import (
 )
 from iclcls.serve.state import AdditionRefused, LiveClassifier
 from iclcls.store import StoreError, StoreWriteFailed
+from iclcls.store.additions import Addition
 
 log = logging.getLogger("iclcls.serve")
 

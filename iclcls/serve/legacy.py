@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from iclcls.io import read_json
-from iclcls.store.snapshots import SEQ_FILE
 from iclcls.store import StoreError
+from iclcls.store.snapshots import SEQ_FILE
 
 
 @dataclass

@@ -30,8 +30,8 @@ import logging
 import socket
 import threading
 import time
-from contextlib import contextmanager, nullcontext
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
