@@ -347,3 +347,21 @@ def test_config_json_is_strict_json_and_infinities_round_trip(sample, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     assert "Infinity" in (d / "config.json").read_text()
     assert ICLClassifier.load(d).tuned_["conformal"]["scores"][-1] == math.inf
+
+
+def test_the_options_are_declared_in_step():
+    """The constructor (scikit-learn reads it), the state schema and the YAML config's classifier
+    section name the same options, so a new option cannot be saved but not loaded."""
+    import inspect
+    from typing import Any
+
+    from iclcls.classifier.trust import _state_models
+    from iclcls.experiment.config import ClassifierConfig
+
+    init = set(inspect.signature(ICLClassifier.__init__).parameters) - {"self"}
+    params, _ = _state_models(ICLClassifier)
+    assert set(params.model_fields) == init
+    untyped = [n for n, f in params.model_fields.items() if f.annotation is Any]
+    assert not untyped, f"give {untyped} a JSON type in the state schema (classifier/trust.py)"
+    config_only = {"program", "tune", "compiled", "dspy"}  # presets, tuning, the DSPy program's folder
+    assert set(ClassifierConfig.model_fields) - config_only <= init
