@@ -3,7 +3,7 @@
 
     splits      load_splits, subset: a config's data as seeded train/validation/test subsets
     fit         build_classifier, prepare: a classifier built from its config, fitted and tuned
-    checkpoint  PredictionCheckpoint, predict_with_checkpoint: predictions that survive a crash
+    checkpoint  PredictionCheckpoint: predictions that survive a crash
     run         run_experiment, score_records, write_run: one run directory, resumed or re-scored
     report      markdown reports and plots
 """
@@ -14,7 +14,6 @@ from iclcls.experiment.checkpoint import (  # noqa: F401
     PREDICTIONS,
     PredictionCheckpoint,
     ResumeError,
-    predict_with_checkpoint,
     prediction_record,
     read_predictions,
 )

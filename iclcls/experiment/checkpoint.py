@@ -160,16 +160,3 @@ class PredictionCheckpoint:
                 if on_chunk is not None:
                     on_chunk(idx)
         return self.finish(len(examples)), len(todo)
-
-
-def predict_with_checkpoint(
-    classifier: Any,
-    examples: Sequence[Example],
-    *,
-    out_dir: str | Path,
-    config_key: str,
-    force: bool = False,
-    **options: Any,
-) -> tuple[list[dict[str, Any]], int]:
-    """:meth:`PredictionCheckpoint.predict` in ``out_dir``; options: chunk_size, on_chunk, show_progress."""
-    return PredictionCheckpoint(out_dir, config_key, force=force).predict(classifier, examples, **options)
