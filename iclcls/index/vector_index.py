@@ -83,7 +83,7 @@ class VectorIndex:
     def ef_search(self, value: int) -> None:
         self._ef_search = int(value)
         if self._kind == "hnsw":
-            faiss.downcast_index(self._index.index).hnsw.efSearch = self._ef_search
+            faiss.downcast_index(self._index.index).hnsw.efSearch = self._ef_search  # type: ignore[attr-defined]  # faiss stubs: downcast_index returns faiss.Index
 
     @property
     def deleted_ids(self) -> np.ndarray:
@@ -110,13 +110,12 @@ class VectorIndex:
     # ---------------------------------------------------------------- build
     def _new_index(self, kind: str) -> Any:
         if kind == "flat":
-            inner = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
-        elif kind == "hnsw":
-            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2)
-            inner.hnsw.efConstruction = self.ef_construction
-            inner.hnsw.efSearch = self._ef_search
-        else:
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim))
+        if kind != "hnsw":
             raise ValueError(f"index kind must be 'flat' or 'hnsw', got {kind!r}")
+        inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2)
+        inner.hnsw.efConstruction = self.ef_construction
+        inner.hnsw.efSearch = self._ef_search
         return faiss.IndexIDMap2(inner)
 
     def _build(self, kind: str, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -124,7 +123,7 @@ class VectorIndex:
         self._add_to(index, kind, vectors, ids)
         self._index, self._kind, self._deleted = index, kind, set()
         self._gpu_data = None
-        self._max_id = None  # a new faiss object may reuse the old one's id()
+        self._max_id: tuple[int, int, int] | None = None  # a new faiss object may reuse the old one's id()
 
     @staticmethod
     def _add_to(index: Any, kind: str, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -295,7 +294,7 @@ class VectorIndex:
         # Filter deleted ids inside the HNSW traversal; keep the selectors alive meanwhile.
         batch = faiss.IDSelectorBatch(self.deleted_ids)
         sel = faiss.IDSelectorNot(batch)
-        params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self._ef_search, k))
+        params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self._ef_search, k))  # type: ignore[attr-defined]  # missing from faiss stubs
         out = self._index.search(q, k, params=params)
         del params, sel, batch
         return out

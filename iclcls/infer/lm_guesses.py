@@ -20,7 +20,7 @@ class LMGuesses:
 
     @staticmethod
     def parse(answer: str, max_items: int) -> list[str]:
-        items = []
+        items: list[str] = []
         for part in re.split(r"[,;\n]|\s-\s", answer):
             part = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", part).strip().strip(".\"'`")
             if part and part.lower() not in {x.lower() for x in items}:

@@ -40,7 +40,8 @@ class Ranking:
 @runtime_checkable
 class Ranker(Protocol):
     needs_lm: bool
-    needs_prompts: bool  # the classifier builds prompts (with demonstrations) for it
+    @property
+    def needs_prompts(self) -> bool: ...  # the classifier builds prompts (with demonstrations) for it
     reads_images: bool  # False: queries with images go to the chat ranker instead
 
     def rank(self, ctx: RankContext) -> list[Ranking]: ...
@@ -86,7 +87,7 @@ def sort_ranking(labels: Sequence[str], scores: np.ndarray, trace: dict | None =
     return Ranking([labels[i] for i in order], np.asarray(scores, dtype=np.float64)[order], trace or {})
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray | Sequence[float]) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if not len(x):
         return x

@@ -97,7 +97,7 @@ class ChannelRanker(BaseRanker):
         # One call per class keeps its prompt's KV cache for the next batch (a CPU's best); an LM
         # that scores many requests per forward on a GPU gains more from one call for all classes.
         if accepts_shared_prefix(ctx.lm) and not getattr(ctx.lm, "prefer_batched_requests", False):
-            scored = [ctx.lm.score_batch([r], shared_prefix=r[0])[0] for r in requests]
+            scored = [ctx.lm.score_batch([r], shared_prefix=r[0])[0] for r in requests]  # type: ignore[call-arg]  # an optional LM argument (not in BaseLM), checked above
         else:
             scored = ctx.lm.score_batch(requests)
         raw: dict[tuple[int, str], float] = {}

@@ -50,6 +50,7 @@ class ChatRanker(BaseRanker):
             demo_ids = ctx.prompts[i].demonstrations if i < len(ctx.prompts) else []
             rp = ctx.builder.build_messages(q.example, demo_ids, ctx.pool.examples, cands.labels,
                                             count_tokens=count, budget=budget if count is not None else None)
+            assert rp.messages is not None  # build_messages writes them
             verbal = {ctx.builder.verbalize(lab): lab for lab in cands.labels}
             if scorer is not None:  # every candidate's log-likelihood as the reply: a full ranking
                 lp = np.array([float(np.sum(t)) for t in scorer([rp.messages], list(verbal))[0]])
@@ -59,7 +60,7 @@ class ChatRanker(BaseRanker):
                 chosen: str | None = labels[0]
             else:
                 if constrained:
-                    answer = lm.chat([rp.messages], choices=list(verbal), max_tokens=self.max_tokens)[0]
+                    answer = lm.chat([rp.messages], choices=list(verbal), max_tokens=self.max_tokens)[0]  # type: ignore[call-arg]  # an optional LM argument (not in BaseLM), checked above
                 else:
                     answer = lm.chat([rp.messages], max_tokens=self.max_tokens, stop=["\n"])[0]
                 chosen = self._map(answer, verbal)
@@ -106,6 +107,7 @@ class BatchedChatRanker(BatchedGenerativeRanker):
                 cands += [lab for lab in ctx.candidates[qi].labels if lab not in cands]
             convs.append(b.batch_messages([ctx.queries[qi].example for qi in ch], demos, cands))
         longest = max(len(ch) for ch in chunks)
+        assert ctx.lm is not None  # rank() checked it
         texts = ctx.lm.chat(convs, max_tokens=self.max_tokens_per_query * longest + 4, temperature=0.0)
         verbal = {b.verbalize(lab): lab for lab in ctx.pool.labels}  # once, not per answer
 

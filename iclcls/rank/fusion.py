@@ -15,13 +15,13 @@ import numpy as np
 from iclcls.rank.base import RANKERS, BaseRanker, RankContext, Ranking, sort_ranking, zscore
 
 
-def fuse(lm: Sequence[float], retriever: Sequence[float], w: float) -> np.ndarray:
+def fuse(lm: Sequence[float], retriever: Sequence[float] | np.ndarray, w: float) -> np.ndarray:
     """One query's fused scores: ``w * z(lm) + (1 - w) * z(retriever)``."""
     return w * zscore(np.asarray(lm)) + (1.0 - w) * zscore(np.asarray(retriever))
 
 
 def fusion_accuracy(traces: Sequence[Mapping[str, Any]], gold: Sequence[Sequence[str]],
-                    weights: Sequence[float]) -> np.ndarray | None:
+                    weights: Sequence[float] | np.ndarray) -> np.ndarray | None:
     """Top-1 accuracy of the fused score at each weight, recomputed from fusion traces
     (``lm_score`` and ``retriever_score`` per candidate), so no LM is called again; None when
     there are no traces or one lacks either score. Ties go to the first candidate."""

@@ -42,8 +42,8 @@ class GenerativeRanker(BaseRanker):
         """Written text -> [(label, similarity, how)] in the order the LM wrote them."""
         verbal = ctx.builder.verbalize
         labels, emb = self._label_matrix(ctx)
-        exact = {}
-        lower = {}
+        exact: dict[str, str] = {}
+        lower: dict[str, str] = {}
         for lab in labels:
             for form in (lab, verbal(lab)):
                 exact.setdefault(form, lab)
@@ -97,7 +97,7 @@ class GenerativeRanker(BaseRanker):
             n = len(rest)
             labels += rest
             scores += [1.0 - (i + 1) / (n + 1) for i in range(n)]
-            trace = {"ranker": "generative", "answer": answer, "mapped": [[a, round(s, 4), h] for a, s, h in mapped]}
+            trace: dict = {"ranker": "generative", "answer": answer, "mapped": [[a, round(s, 4), h] for a, s, h in mapped]}
             if not mapped:
                 trace["unmapped_answer"] = True
             # LM score for fusion: 1 for what the LM wrote (by similarity), 0 otherwise.

@@ -58,7 +58,7 @@ class LikelihoodRanker(BaseRanker):
                 requests.append((cf, [" " + verbal(lab) for lab in c.labels]))
         prefix = shared_prefix(ctx)
         if prefix and all(r[0].startswith(prefix) for r in requests):
-            token_scores = ctx.lm.score_batch(requests, shared_prefix=prefix)
+            token_scores = ctx.lm.score_batch(requests, shared_prefix=prefix)  # type: ignore[call-arg]  # an optional LM argument (not in BaseLM), checked above
         else:
             token_scores = ctx.lm.score_batch(requests)
         n = len(ctx.prompts)
@@ -70,8 +70,8 @@ class LikelihoodRanker(BaseRanker):
             scores = log_softmax(raw)
             trace = {"ranker": "likelihood", "lm_logprob": dict(zip(c.labels, raw.round(4).tolist()))}
             if self.calibration in ("contextual", "domain"):
-                cf = log_softmax([reduce_logprobs(t, self.reduce) for t in token_scores[n + qi]])
-                scores = log_softmax(scores - cf)
+                cf_logp = log_softmax([reduce_logprobs(t, self.reduce) for t in token_scores[n + qi]])
+                scores = log_softmax(scores - cf_logp)
             elif self.calibration == "batch":
                 scores = log_softmax(scores - np.array([prior.get(lab, 0.0) for lab in c.labels]))
             if self.calibration != "none":

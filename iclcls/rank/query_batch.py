@@ -94,6 +94,7 @@ class BatchedGenerativeRanker(BaseRanker):
         chunks = [members[i : i + self.queries_per_call] for i in range(0, len(members), self.queries_per_call)]
         prompts = [self.batch_prompt(ctx, ch) for ch in chunks]
         longest = max(len(ch) for ch in chunks)
+        assert ctx.lm is not None  # rank() checked it
         texts = ctx.lm.generate(prompts, max_tokens=self.max_tokens_per_query * longest + 4, temperature=0.0)
         return collect_answers(chunks, texts, lambda answer: self._mapper.map_answer(answer, ctx))
 

@@ -19,7 +19,8 @@ from iclcls.registry import Registry
 
 @runtime_checkable
 class Selector(Protocol):
-    needs_lm: bool  # trains with the LM (bind_lm); a saved state does not retrain
+    @property
+    def needs_lm(self) -> bool: ...  # trains with the LM (bind_lm); a saved state does not retrain
     incremental: bool  # False: additions leave it stale until refreshed (``stale_``, ``refresh_stale``)
 
     def fit(self, pool: Pool) -> Selector: ...
@@ -42,9 +43,15 @@ class BaseSelector:
     """Shared options: restrict demonstrations to candidate classes; refit on update."""
 
     restrict_to_candidates: bool = True
-    needs_lm = False
     incremental = True
-    stale_ = False
+
+    @property
+    def needs_lm(self) -> bool:
+        return False
+
+    @property
+    def stale_(self) -> bool:
+        return False
 
     def bind_lm(self, lm: Any) -> None:
         """Selectors that size or train with the LM keep it (many-shot, CEIL)."""
@@ -84,11 +91,11 @@ def order_by_similarity(ids: Sequence[int], sims: Sequence[float], order: str) -
 
 def saved_ids(pool: Pool, positions: Sequence[int]) -> list[str] | None:
     """Example ids of pool positions (a state that survives a reordered pool); None if any has no id."""
-    ids = [pool.examples[i].id for i in positions]
-    return ids if all(x is not None for x in ids) else None
+    ids = [x for x in (pool.examples[i].id for i in positions) if x is not None]
+    return ids if len(ids) == len(positions) else None
 
 
-def restore_positions(pool: Pool, ids: Sequence[str] | None, positions: Sequence[int], what: str) -> list[int]:
+def restore_positions(pool: Pool, ids: Sequence[str] | None, positions: Sequence[int] | np.ndarray, what: str) -> list[int]:
     """Pool positions from a saved state: by example id when the state has ids, else the positions, checked."""
     if ids is not None:
         by_id = {ex.id: i for i, ex in enumerate(pool.examples) if ex.id is not None}

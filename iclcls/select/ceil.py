@@ -140,7 +140,7 @@ class CEILSelector(DPPSelector):
     # -- the trained space -------------------------------------------------------------
     def pool_vectors(self) -> np.ndarray:
         if self._pool_vecs is None or len(self._pool_vecs) != len(self.pool_):
-            self._pool_vecs = _normalise(self.pool_.embeddings @ self.adapter_)
+            self._pool_vecs: np.ndarray | None = _normalise(self.pool_.embeddings @ self.adapter_)
         return self._pool_vecs
 
     def query_vectors(self, queries: Sequence[Query]) -> np.ndarray:

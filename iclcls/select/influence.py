@@ -112,7 +112,7 @@ def influence_scores(
     n_par = g_val.size
     op = LinearOperator((n_par, n_par), matvec=model.hvp, dtype=np.float64)
     s, info = cg(op, g_val, rtol=tol, atol=0.0, maxiter=max_iter)
-    resid = float(np.linalg.norm(model.hvp(s) - g_val) / max(np.linalg.norm(g_val), 1e-300))
+    resid = float(np.linalg.norm(model.hvp(s) - g_val) / max(float(np.linalg.norm(g_val)), 1e-300))
     s = s.reshape(model.c, -1)
     r = model.p - model.onehot  # grad l(z) = r_z x_z^T, so s . grad l(z) = r_z^T S x_z
     scores = -np.einsum("nc,nc->n", r, model.x @ s.T)
@@ -275,7 +275,8 @@ class InfluenceSelector(BaseSelector):
         ranked = self.ranked_ if allowed is None else [i for i in self.ranked_ if i in allowed]
         n_classes = len({pool.examples[i].labels[0] for i in ranked}) or 1
         cap = self.per_class or max(1, math.ceil(k / n_classes))
-        out, used = [], {}
+        out: list[int] = []
+        used: dict[str, int] = {}
         for i in ranked:
             lab = pool.examples[i].labels[0]
             if used.get(lab, 0) < cap:

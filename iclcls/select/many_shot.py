@@ -37,7 +37,7 @@ def class_round_robin(pool: Pool, rng: np.random.Generator) -> list[int]:
     classes = sorted(by)
     classes = [classes[j] for j in rng.permutation(len(classes))]
     queues = [[by[c][j] for j in rng.permutation(len(by[c]))] for c in classes]
-    out = []
+    out: list[int] = []
     depth = max((len(q) for q in queues), default=0)
     for r in range(depth):
         out.extend(q[r] for q in queues if r < len(q))

@@ -164,8 +164,7 @@ def shrink(cov: np.ndarray, *, method: str, alpha: float | str, n: float = 0.0) 
     scale = float(np.trace(cov)) / d
     if scale <= 0 or not np.isfinite(scale):  # no within-class spread yet: Euclidean distance
         return np.eye(d)
-    if alpha == "oas":
-        alpha = oas_coefficient(cov, n)
+    alpha = oas_coefficient(cov, n) if alpha == "oas" else float(alpha)
     out = cov.copy() if method == "ridge" else cov * (1.0 - alpha)
     out[np.diag_indices(d)] += alpha * scale
     return out
@@ -216,8 +215,8 @@ class GaussianECL(BaseShortlister):
         self.stats_: GaussianStats | None = None
 
     # -- the array-level core (no pool: used by the classifier stage and the benchmark) -------
-    def reset(self, dim: int) -> None:
-        self.stats_ = GaussianStats(dim)
+    def reset(self, dim: int) -> GaussianStats:
+        self.stats_ = st = GaussianStats(dim)
         self.whitener_ = np.eye(dim)
         self._whitener32 = np.eye(dim, dtype=np.float32)
         self.sigma_at_whiten_: np.ndarray | None = None
@@ -227,16 +226,21 @@ class GaussianECL(BaseShortlister):
         self._n_slots = 0
         self.stale_ = False  # classes whitened with an older W than the current Sigma's
         self.rewhitens_ = 0
+        return st
+
+    @property
+    def _stats(self) -> GaussianStats:
+        assert self.stats_ is not None, "fit the ECL first"  # reset() made them
+        return self.stats_
 
     def fit_vectors(self, vectors: np.ndarray, class_ids: np.ndarray) -> GaussianECL:
         """Fit on arrays alone (no pool): statistics from scratch, then one full whitening."""
-        self.reset(np.asarray(vectors).shape[1])
-        self.stats_.add(vectors, class_ids)
+        self.reset(np.asarray(vectors).shape[1]).add(vectors, class_ids)
         self.rewhiten_all()
         return self
 
     def shrunk_covariance(self) -> np.ndarray:
-        st = self.stats_
+        st = self._stats
         return shrink(st.covariance(), method=self.shrinkage, alpha=self.alpha, n=st.n_total - st.n_classes)
 
     def drift(self) -> float:
@@ -249,9 +253,8 @@ class GaussianECL(BaseShortlister):
 
     def add_vectors(self, vectors: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
         """Update the statistics and the index with labelled vectors; returns the touched class ids."""
-        if self.stats_ is None:
-            self.reset(np.asarray(vectors).shape[1])
-        touched = self.stats_.add(vectors, class_ids)
+        st = self.stats_ if self.stats_ is not None else self.reset(np.asarray(vectors).shape[1])
+        touched = st.add(vectors, class_ids)
         if not len(touched):
             return touched
         if self.rewhiten == "eager" or self.sigma_at_whiten_ is None or self.drift() > self.drift_tol:
@@ -263,7 +266,7 @@ class GaussianECL(BaseShortlister):
 
     def rewhiten_all(self) -> None:
         """Recompute ``W`` from the current covariance and rebuild the index of whitened means."""
-        st = self.stats_
+        st = self._stats
         sigma = self.shrunk_covariance()
         self.whitener_ = inverse_sqrt(sigma)
         self._whitener32 = self.whitener_.astype(np.float32)
@@ -286,7 +289,7 @@ class GaussianECL(BaseShortlister):
 
     def _upsert(self, class_ids: np.ndarray) -> None:
         """Whiten the touched classes with the current W; replace their old entries (fresh ids)."""
-        n_rows = self.stats_.n_rows
+        n_rows = self._stats.n_rows
         if len(self._slot_of) < n_rows:
             grown = np.full(max(n_rows, 2 * len(self._slot_of)), -1, dtype=np.int64)
             grown[: len(self._slot_of)] = self._slot_of
@@ -302,7 +305,7 @@ class GaussianECL(BaseShortlister):
             self._class_of_slot = grown
         self._class_of_slot[slots] = class_ids
         self._slot_of[class_ids] = slots
-        self.index_.add(self._whiten(self.stats_.means(class_ids)), slots)
+        self.index_.add(self._whiten(self._stats.means(class_ids)), slots)
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k classes per query row: (negative squared Mahalanobis distances, class ids; -1 = none)."""
@@ -360,9 +363,9 @@ class GaussianECL(BaseShortlister):
 
     def fit(self, pool: Pool) -> GaussianECL:
         self.pool_ = pool
-        self.reset(pool.dim)
+        st = self.reset(pool.dim)
         x, y = self._pairs(pool, np.arange(len(pool)))
-        self.stats_.add(x, y)
+        st.add(x, y)
         self.rewhiten_all()
         return self
 
@@ -386,7 +389,7 @@ class GaussianECL(BaseShortlister):
         """Counts, sums and S (float64) + metadata; a deferred re-whitening is done first."""
         if self.stale_:
             self.rewhiten_all()
-        st = self.stats_
+        st = self._stats
         meta = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -413,8 +416,7 @@ class GaussianECL(BaseShortlister):
         if list(pool.labels.labels[: len(classes)]) != classes:
             raise ValueError("ecl state: its class order differs from the pool's label space")
         self.pool_ = pool
-        self.reset(d)
-        st = self.stats_
+        st = self.reset(d)
         st._grow(len(classes))
         st._counts[: len(classes)] = counts
         st._sums[: len(classes)] = sums

@@ -100,7 +100,7 @@ class KNNVoteShortlister(BaseShortlister):
         flat = rep_rows * n_labels + labs
         votes = np.bincount(flat, weights=np.repeat(w[rows, cols], counts), minlength=nq * n_labels)
         votes = votes.reshape(nq, n_labels)
-        first = np.full(nq * n_labels, np.iinfo(np.int64).max, dtype=np.int64)
+        first: np.ndarray = np.full(nq * n_labels, np.iinfo(np.int64).max, dtype=np.int64)
         uniq, at = np.unique(flat, return_index=True)
         first[uniq] = at  # the expansion is row-major, so a smaller index appeared earlier
         first = first.reshape(nq, n_labels)

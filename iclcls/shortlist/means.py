@@ -33,7 +33,7 @@ class ClassMeans:
     def means(self) -> np.ndarray:
         return self._means.view
 
-    def update(self, pool: Pool, new_ids: Sequence[int]) -> bool:
+    def update(self, pool: Pool, new_ids: Sequence[int] | np.ndarray) -> bool:
         touched = list(dict.fromkeys(lab for i in new_ids for lab in pool.examples[i].labels))
         new = [lab for lab in touched if lab not in self.index]
         last = pool.labels.index(self.labels[-1]) if self.labels else -1
