@@ -44,7 +44,7 @@ class Example:
     ``text`` may be left out when there is an image; an example with neither is an error.
     """
 
-    text: str | None = None
+    text: str = ""  # None is taken as ""
     labels: tuple[str, ...] = ()
     images: tuple[ImageRef, ...] = ()
     id: str | None = None
@@ -108,7 +108,7 @@ class Example:
                 ref = load_image(ref)
             images.append(ref)
         return cls(
-            text=d.get("text"),
+            text=d.get("text", ""),
             labels=tuple(d.get("labels", ())),
             images=tuple(images),
             id=d.get("id"),

@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from iclcls.classifier.base import ClassifierBase
 from iclcls.errors import DataError
 from iclcls.infer.summaries import summarize_classes
 from iclcls.pool import Pool
 from iclcls.types import Example
 
 
-class Additions:
+class Additions(ClassifierBase):
     """``add_examples``, ``add_classes``, ``prepare_additions``, ``refresh_stale``."""
 
     def add_examples(
@@ -84,7 +85,7 @@ class Additions:
         fresh = copy.copy(stage)
         fresh.fit(self.pool_.frozen())
         with swap() if swap is not None else nullcontext():
-            fresh.pool_ = self.pool_
+            fresh.pool_ = self.pool_  # type: ignore[attr-defined]  # fitted stages keep it (not in the Protocol: isinstance would ask it of unfitted ones)
             if len(self.pool_) > n:
                 fresh.update(self.pool_, np.arange(n, len(self.pool_), dtype=np.int64))
             self.selector_ = fresh

@@ -156,10 +156,10 @@ class ICLClassifier(Additions, Tuning, Persistence, SklearnClassifier, BaseEstim
         self.pool_ = Pool(self.embedder_, LabelSpace(space.labels, space.descriptions))
         self.summaries_ = {}
         self._build_stages(examples=examples)
-        self.tuned_: dict[str, Any] = {}
+        self.tuned_ = {}
         if tune == "auto":
             tune = "validation" if validation else ("cv" if self._cv_worth_it() else "none")
-        if tune == "validation":
+        if tune == "validation" and validation:  # (checked above)
             self.tune(validation)
         elif tune == "cv":
             self.tune_cv(examples, size=tune_size, folds=folds, seed=seed)
@@ -225,7 +225,7 @@ class ICLClassifier(Additions, Tuning, Persistence, SklearnClassifier, BaseEstim
             else:
                 self.selector_ = self.selector_.fit(self.pool_)
         if not hasattr(self, "summaries_"):
-            self.summaries_: dict[str, str] = {}
+            self.summaries_ = {}
         self.builder_.summaries = self.summaries_
         self._summarize_missing()
 
@@ -327,6 +327,7 @@ class ICLClassifier(Additions, Tuning, Persistence, SklearnClassifier, BaseEstim
                 if self.selector_ is not None and self.shots > 0
                 else [[] for _ in queries]
             )
+            assert self.lm_ is not None  # a ranker that needs prompts needs the LM: _build_stages loaded it
             budget = self.lm_.context_window - self.label_token_reserve
             prompts = [
                 self.builder_.build(

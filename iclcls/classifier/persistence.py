@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from iclcls.classifier.base import ClassifierBase
 from iclcls.classifier.specs import spec_of
 from iclcls.classifier.trust import FORMAT, FORMAT_VERSION, untrusted_parts, validate_state
 from iclcls.errors import ConfigError, UntrustedStateError
@@ -17,7 +18,7 @@ from iclcls.io import atomic_write_json, load_npy, read_json, replace_dir, save_
 from iclcls.pool import Pool
 
 
-class Persistence:
+class Persistence(ClassifierBase):
     """``save`` and ``load`` (a mixin of ICLClassifier)."""
 
     def save(self, directory: str | Path) -> None:

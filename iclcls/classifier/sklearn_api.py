@@ -27,7 +27,7 @@ class SklearnClassifier(ClassifierMixin):
 
     def __sklearn_clone__(self) -> Any:
         """The same options, unfitted; an LM or embedder given as a loaded object is shared."""
-        params = self.get_params(deep=False)  # type: ignore[attr-defined]
+        params = self.get_params(deep=False)
         return type(self)(**{k: v if k in self._shared_params else clone(v, safe=False) for k, v in params.items()})
 
     def predict_detailed(self, inputs: Iterable[str | Example], *, show_progress: bool | None = None) -> list[Prediction]:
@@ -44,7 +44,7 @@ class SklearnClassifier(ClassifierMixin):
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(...) before {what}")
 
     def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()  # type: ignore[misc]
+        tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
         tags.input_tags.string = True
         tags.target_tags.multi_output = bool(self.multi_label)

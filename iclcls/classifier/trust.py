@@ -13,9 +13,12 @@ import re
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iclcls.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 FORMAT = "iclcls-classifier"
 FORMAT_VERSION = 1
@@ -31,7 +34,7 @@ _FILE_SUFFIXES = frozenset(
 
 
 @lru_cache(maxsize=None)
-def _state_models(cls: type) -> tuple[type, type]:
+def _state_models(cls: type[Any]) -> tuple[type[BaseModel], type[BaseModel]]:
     """The pydantic models of ``config.json``: strict, unknown fields refused. Constructor
     options this schema does not type yet (a new option) are accepted as JSON values."""
     from typing import Annotated, Literal, Optional, Union
@@ -45,7 +48,7 @@ def _state_models(cls: type) -> tuple[type, type]:
         "multi_label": bool, "top_k": Optional[int], "threshold": Optional[float], "batch_size": int,
         "label_token_reserve": int, "show_progress": Optional[bool],
     }  # fmt: skip
-    fields = {}
+    fields: dict[str, Any] = {}
     for name, p in inspect.signature(cls.__init__).parameters.items():
         if name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             continue

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from iclcls.classifier.base import ClassifierBase
 from iclcls.classifier.specs import spec_of
 from iclcls.errors import ConfigError, DataError
 from iclcls.types import Example, Prediction
@@ -20,7 +21,7 @@ class NotCalibrated(ConfigError, RuntimeError):
     """Conformal sets were asked of a classifier fitted without tuning data."""
 
 
-class Tuning:
+class Tuning(ClassifierBase):
     """Tuning and calibration; the classifier's ``fit`` calls ``tune`` or ``tune_cv``."""
 
     def tune(self, validation: Sequence[Example]) -> Any:
@@ -144,9 +145,8 @@ def _best_threshold(preds: Sequence[Prediction], gold: Sequence[Sequence[str]]) 
     best, best_f1 = float(cand.max()), -1.0
     for thr in cand[:: max(1, len(cand) // 200)]:
         tp = fp = fn = 0
-        for p, g in zip(preds, gold):
+        for p, g in zip(preds, map(set, gold)):
             chosen = {lab for lab, s in zip(p.labels, p.scores) if s >= thr} or {p.labels[0]}
-            g = set(g)
             tp += len(chosen & g)
             fp += len(chosen - g)
             fn += len(g - chosen)
