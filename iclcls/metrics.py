@@ -190,9 +190,7 @@ def wilson_interval(successes: int, n: int, *, z: float = 1.96) -> tuple[float, 
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def bootstrap_interval(
-    values: Sequence[float], *, n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> tuple[float, float]:
+def bootstrap_interval(values: Sequence[float], *, n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-example values."""
     v = np.asarray(values, dtype=np.float64)
     if not len(v):

@@ -120,8 +120,14 @@ class Pool:
     def means_of(self, labels: Sequence[str]) -> np.ndarray:
         """Unit-norm mean embeddings of ``labels`` (each must have examples), from running sums:
         O(labels x dim), whatever the pool's size."""
-        means = np.stack([self._sums[lab] / len(self._by_label[lab]) if lab in self._sums
-                          else self.embeddings[self._by_label[lab]].astype(np.float64).mean(axis=0) for lab in labels])
+        means = np.stack(
+            [
+                self._sums[lab] / len(self._by_label[lab])
+                if lab in self._sums
+                else self.embeddings[self._by_label[lab]].astype(np.float64).mean(axis=0)
+                for lab in labels
+            ]
+        )
         means /= np.linalg.norm(means, axis=1, keepdims=True) + 1e-12
         return means.astype(np.float32)
 
@@ -130,19 +136,14 @@ class Pool:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         store = _ImageStore(d)
-        atomic_write_text(
-            d / "examples.jsonl",
-            "".join(json.dumps(_record(ex, store), ensure_ascii=False) + "\n" for ex in self.examples),
-        )
+        atomic_write_text(d / "examples.jsonl", "".join(json.dumps(_record(ex, store), ensure_ascii=False) + "\n" for ex in self.examples))
         save_npy(d / "embeddings.npy", self.embeddings)
         self.labels.save(d / "labels.json")
         if self.index is not None:
             self.index.save(d / "index.faiss")
 
     @classmethod
-    def load(
-        cls, directory: str | Path, embedder: Embedder, *, require_checksum: bool = True, trust: bool = False
-    ) -> Pool:
+    def load(cls, directory: str | Path, embedder: Embedder, *, require_checksum: bool = True, trust: bool = False) -> Pool:
         """Read a saved pool; the faiss index must match the size and SHA-256 recorded at save
         (``require_checksum=False`` accepts an older state that recorded none). Images come
         back as bytes from the state's own ``images/`` folder, checked against their SHA-256;
@@ -172,8 +173,7 @@ class Pool:
         if (d / "index.faiss").is_file():
             # Untrusted (require_checksum): the index (flat or HNSW) is rebuilt from the embeddings, never parsed.
             pool.index = VectorIndex.load(
-                d / "index.faiss", require_checksum=require_checksum,
-                rebuild_from=embeddings if require_checksum else None,
+                d / "index.faiss", require_checksum=require_checksum, rebuild_from=embeddings if require_checksum else None
             )
             if len(pool.index) != len(examples):
                 raise ConfigError(f"{d / 'index.faiss'}: holds {len(pool.index)} vectors, expected {len(examples)}")
@@ -212,10 +212,12 @@ def _record(ex: Example, store: _ImageStore) -> dict:
     if any(isinstance(i, str) and not i.startswith(("http://", "https://", "data:")) for i in ex.images):
         from iclcls.data.images import image_bytes
 
-        ex = replace(ex, images=tuple(
-            image_bytes(i) if isinstance(i, str) and not i.startswith(("http://", "https://", "data:")) else i
-            for i in ex.images
-        ))
+        ex = replace(
+            ex,
+            images=tuple(
+                image_bytes(i) if isinstance(i, str) and not i.startswith(("http://", "https://", "data:")) else i for i in ex.images
+            ),
+        )
     return ex.to_dict(store_image=store)
 
 

@@ -7,14 +7,13 @@ query is truncated as a last resort. Every such change is reported in the result
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import re
 
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
@@ -23,8 +22,7 @@ from iclcls.errors import UnknownNameError
 from iclcls.types import Example
 
 _TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-_JINJA_OPTIONS = dict(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                      keep_trailing_newline=False, autoescape=False)
+_JINJA_OPTIONS = dict(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False, autoescape=False)
 
 
 def label_text(label: str, description: str | None = None) -> str:
@@ -33,7 +31,7 @@ def label_text(label: str, description: str | None = None) -> str:
     return f"{name}: {description}" if description else name
 
 
-@lru_cache(maxsize=None)
+@cache
 def prompts_dir() -> Path:
     """The packaged templates: ``iclcls.prompts`` in a wheel, the top-level ``prompts/`` in a checkout."""
     checkout = Path(__file__).resolve().parents[1] / "prompts"
@@ -42,14 +40,14 @@ def prompts_dir() -> Path:
     return Path(str(resources.files("iclcls.prompts")))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _env() -> jinja2.Environment:
     """Packaged templates, rendered sandboxed: a template can read the variables it is
     given, not Python internals or other files."""
     return SandboxedEnvironment(loader=jinja2.FileSystemLoader(str(prompts_dir())), **_JINJA_OPTIONS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _file_env() -> jinja2.Environment:
     """For a template file the caller names: sandboxed, and with no loader, so it cannot
     ``include`` or ``import`` other files."""
@@ -76,8 +74,9 @@ def get_template(name_or_path: str) -> jinja2.Template:
     if p.suffix == ".jinja" and p.is_file():
         return _file_env().from_string(p.read_text(encoding="utf-8"))
     if not _TEMPLATE_NAME.match(str(name_or_path)):
-        raise UnknownNameError(f"no prompt template {name_or_path!r}: give a packaged name "
-                       f"({', '.join(packaged_templates())}) or an existing .jinja file")
+        raise UnknownNameError(
+            f"no prompt template {name_or_path!r}: give a packaged name ({', '.join(packaged_templates())}) or an existing .jinja file"
+        )
     try:
         return _env().get_template(f"{name_or_path}.jinja")
     except jinja2.TemplateNotFound:
@@ -113,9 +112,7 @@ class PromptBuilder:
     summary_options: Mapping[str, Any] = field(default_factory=dict)  # for iclcls.infer.summaries.summarize_classes
 
     def render(self, query: str, demonstrations: Sequence[Example], candidates: Sequence[str]) -> str:
-        demos = [
-            {"text": d.text, "labels": [self.verbalize(lab) for lab in d.labels]} for d in demonstrations
-        ]
+        demos = [{"text": d.text, "labels": [self.verbalize(lab) for lab in d.labels]} for d in demonstrations]
         return render(
             self.template,
             instructions=self.instructions,
@@ -159,13 +156,16 @@ class PromptBuilder:
         parts.append({"type": "text", "text": self.label_prefix})
         return [{"role": "user", "content": parts}]
 
-    def batch_messages(self, queries: Sequence[Example], demonstrations: Sequence[Example],
-                       candidates: Sequence[str]) -> list[dict]:
+    def batch_messages(self, queries: Sequence[Example], demonstrations: Sequence[Example], candidates: Sequence[str]) -> list[dict]:
         """Several queries in one message after one copy of the demonstrations (ManyICL's query
         batching); the LM answers ``N: label`` lines."""
         parts = self._head_parts(demonstrations, candidates)
-        parts.append({"type": "text", "text": "Label each numbered input below. Answer with one line per input: "
-                                              "its number, a colon, and its label.\n"})
+        parts.append(
+            {
+                "type": "text",
+                "text": "Label each numbered input below. Answer with one line per input: its number, a colon, and its label.\n",
+            }
+        )
         for n, q in enumerate(queries, 1):
             parts.append({"type": "text", "text": f"{n}.\n"})
             parts += self._example_parts(q)

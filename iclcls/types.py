@@ -89,7 +89,8 @@ class Example:
             d["id"] = self.id
         if self.images:
             d["images"] = [
-                i if isinstance(i, str)
+                i
+                if isinstance(i, str)
                 else (store_image(i) if store_image is not None else {"sha256": hashlib.sha256(i).hexdigest(), "size": len(i)})
                 for i in self.images
             ]
@@ -108,11 +109,7 @@ class Example:
                 ref = load_image(ref)
             images.append(ref)
         return cls(
-            text=d.get("text", ""),
-            labels=tuple(d.get("labels", ())),
-            images=tuple(images),
-            id=d.get("id"),
-            metadata=d.get("metadata", {}),
+            text=d.get("text", ""), labels=tuple(d.get("labels", ())), images=tuple(images), id=d.get("id"), metadata=d.get("metadata", {})
         )
 
 
@@ -135,9 +132,7 @@ def _image_ref(ref: Any, n: int) -> ImageRef:
 class LabelSpace:
     """Ordered unique labels with optional descriptions; ``index`` is stable under ``add``."""
 
-    def __init__(
-        self, labels: Iterable[str] = (), descriptions: Mapping[str, str] | None = None
-    ) -> None:
+    def __init__(self, labels: Iterable[str] = (), descriptions: Mapping[str, str] | None = None) -> None:
         self._labels: list[str] = []
         self._index: dict[str, int] = {}
         self.descriptions: dict[str, str] = {}
@@ -190,11 +185,7 @@ class LabelSpace:
         return self._labels[i]
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, LabelSpace)
-            and self._labels == other._labels
-            and self.descriptions == other.descriptions
-        )
+        return isinstance(other, LabelSpace) and self._labels == other._labels and self.descriptions == other.descriptions
 
     def __repr__(self) -> str:
         head = ", ".join(repr(x) for x in self._labels[:5])
@@ -276,9 +267,7 @@ class Prediction:
         object.__setattr__(self, "scores", tuple(float(s) for s in self.scores))
         object.__setattr__(self, "demonstrations", tuple(self.demonstrations))
         if self.scores and len(self.scores) != len(self.labels):
-            raise ValueError(
-                f"Prediction has {len(self.labels)} labels but {len(self.scores)} scores"
-            )
+            raise ValueError(f"Prediction has {len(self.labels)} labels but {len(self.scores)} scores")
         object.__setattr__(self, "trace", MappingProxyType(dict(self.trace)))
 
     @property
@@ -340,9 +329,7 @@ def check_text(text: str, where: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(
-            f"{where}: contains a lone surrogate {text[e.start]!r} at character {e.start} (not valid Unicode text)"
-        ) from None
+        raise ValueError(f"{where}: contains a lone surrogate {text[e.start]!r} at character {e.start} (not valid Unicode text)") from None
     nul = text.find("\x00")
     if nul >= 0:
         raise ValueError(f"{where}: contains a NUL character at character {nul}")

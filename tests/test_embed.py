@@ -9,13 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iclcls.embed import (
-    CachedEmbedder,
-    Embedder,
-    SentenceTransformerEmbedder,
-    default_embedder,
-    get_embedder,
-)
+from iclcls.embed import CachedEmbedder, Embedder, SentenceTransformerEmbedder, default_embedder, get_embedder
 from iclcls.embed.cache import cache_key
 from iclcls.embed.sentence_transformers import model_identity
 

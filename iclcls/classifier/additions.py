@@ -22,9 +22,7 @@ from iclcls.types import Example
 class Additions(ClassifierBase):
     """``add_examples``, ``add_classes``, ``prepare_additions``, ``refresh_stale``."""
 
-    def add_examples(
-        self, examples: Sequence[Example], *, embeddings: np.ndarray | None = None, generate: bool = True
-    ) -> Any:
+    def add_examples(self, examples: Sequence[Example], *, embeddings: np.ndarray | None = None, generate: bool = True) -> Any:
         """Add examples (of known or new classes) in place: pool, index, stage statistics.
 
         ``embeddings`` are the examples' pool embeddings when already computed (the service
@@ -104,8 +102,7 @@ class Additions(ClassifierBase):
             return examples, {}
         scratch = Pool(self.pool_.embedder)  # only these classes' new examples, as the real pool will hold them
         scratch.extend([ex for ex in examples if ex.labels and ex.labels[0] in missing])
-        summaries = summarize_classes(self.lm_, scratch, missing, show_progress=False,
-                                      **dict(self.builder_.summary_options))
+        summaries = summarize_classes(self.lm_, scratch, missing, show_progress=False, **dict(self.builder_.summary_options))
         return examples, summaries
 
     def _check_nothing_to_generate(self, examples: Sequence[Example], *, summaries: Mapping[str, str] | None = None) -> None:

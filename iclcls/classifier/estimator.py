@@ -256,8 +256,9 @@ class ICLClassifier(Additions, Tuning, Persistence, SklearnClassifier, BaseEstim
         missing = [lab for lab in self.pool_.labels if lab not in self.summaries_]
         if missing:
             self.summaries_.update(
-                summarize_classes(self.lm_, self.pool_, missing, show_progress=self.show_progress is not False,
-                                  **dict(self.builder_.summary_options))
+                summarize_classes(
+                    self.lm_, self.pool_, missing, show_progress=self.show_progress is not False, **dict(self.builder_.summary_options)
+                )
             )
 
     @property
@@ -330,9 +331,7 @@ class ICLClassifier(Additions, Tuning, Persistence, SklearnClassifier, BaseEstim
             assert self.lm_ is not None  # a ranker that needs prompts needs the LM: _build_stages loaded it
             budget = self.lm_.context_window - self.label_token_reserve
             prompts = [
-                self.builder_.build(
-                    q.text, ids, self.pool_.examples, c.labels, count_tokens=self.lm_.count_tokens, budget=budget
-                )
+                self.builder_.build(q.text, ids, self.pool_.examples, c.labels, count_tokens=self.lm_.count_tokens, budget=budget)
                 for q, ids, c in zip(queries, demo_ids, cands)
             ]
         ctx = RankContext(self.lm_, queries, cands, prompts, self.builder_, self.pool_)

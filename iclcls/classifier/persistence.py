@@ -63,9 +63,7 @@ class Persistence(ClassifierBase):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def load(
-        cls, directory: str | Path, *, lm: Any = None, embedder: Any = None, trust: bool = False
-    ) -> Any:
+    def load(cls, directory: str | Path, *, lm: Any = None, embedder: Any = None, trust: bool = False) -> Any:
         """Rebuild a saved classifier. ``lm`` overrides the saved LM spec (needed if it was an object).
 
         A state folder is untrusted input: ``config.json`` is validated against a strict schema
@@ -113,8 +111,7 @@ class Persistence(ClassifierBase):
             unknown = sorted(set(ranker_state) - set(clf.ranker_.tuned_state()))
             if unknown:
                 raise ConfigError(
-                    f"{d / 'config.json'}: field ranker_state: keys {unknown} are not state of the "
-                    f"{type(clf.ranker_).__name__} ranker"
+                    f"{d / 'config.json'}: field ranker_state: keys {unknown} are not state of the {type(clf.ranker_).__name__} ranker"
                 )
         clf.ranker_.load_tuned_state(ranker_state)
         clf.tuned_ = cfg.get("tuned", {})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,20 +33,20 @@ _FILE_SUFFIXES = frozenset(
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _state_models(cls: type[Any]) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The pydantic models of ``config.json``: strict, unknown fields refused. Constructor
-    options this schema does not type yet (a new option) are accepted as JSON values."""
-    from typing import Annotated, Literal, Optional, Union
+    """The pydantic models of ``config.json``: strict, unknown fields refused; every constructor
+    option has a JSON type here (a test keeps the two in step)."""
+    from typing import Annotated, Literal
 
     from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
-    Spec = Optional[Union[str, dict[str, Any]]]
+    Spec = str | dict[str, Any] | None
     typed: dict[str, Any] = {
-        "lm": Optional[str], "embedder": Optional[str], "shortlist": Spec, "select": Spec, "rank": Spec,
-        "infer": Spec, "prompt": Optional[dict[str, Any]], "shortlist_k": int, "shots": int,
-        "multi_label": bool, "top_k": Optional[int], "threshold": Optional[float], "batch_size": int,
-        "label_token_reserve": int, "show_progress": Optional[bool],
+        "lm": str | None, "embedder": str | None, "shortlist": Spec, "select": Spec, "rank": Spec,
+        "infer": Spec, "prompt": dict[str, Any] | None, "shortlist_k": int, "shots": int,
+        "multi_label": bool, "top_k": int | None, "threshold": float | None, "batch_size": int,
+        "label_token_reserve": int, "show_progress": bool | None,
     }  # fmt: skip
     fields: dict[str, Any] = {}
     for name, p in inspect.signature(cls.__init__).parameters.items():
@@ -67,11 +67,11 @@ def _state_models(cls: type[Any]) -> tuple[type[BaseModel], type[BaseModel]]:
         format: Literal["iclcls-classifier"]
         version: int = Field(ge=1, le=FORMAT_VERSION)
         params: Params  # type: ignore[valid-type]
-        lm_name: Optional[str] = None
+        lm_name: str | None = None
         embedder_name: str
         tuned: dict[str, Any] = {}
         ranker_state: dict[str, Any] = {}
-        stages: dict[Literal["shortlist", "select"], Optional[StageState]] = {}
+        stages: dict[Literal["shortlist", "select"], StageState | None] = {}
         summaries: dict[str, str] = {}
 
     return Params, StateConfig
@@ -151,8 +151,10 @@ def _embedder_spec_problem(spec: str) -> str | None:
     model = spec.partition(":")[2] if spec.startswith(("st:", "clip:")) else spec
     if _looks_like_path(model) or Path(model).exists():
         return "is a local path (a state may name known models, not load files)"
-    return ("is not a known offline embedder (default, all-MiniLM-L6-v2, mpnet, pixels[:WxH[:L|RGB]]); "
-            "a state may not choose a model to download")
+    return (
+        "is not a known offline embedder (default, all-MiniLM-L6-v2, mpnet, pixels[:WxH[:L|RGB]]); "
+        "a state may not choose a model to download"
+    )
 
 
 def _looks_like_path(text: str) -> bool:

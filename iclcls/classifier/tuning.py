@@ -61,7 +61,9 @@ class Tuning(ClassifierBase):
         # Each fold builds fresh stages from their specs, sharing only the LM and the embedder.
         fold_params = {
             **self.get_params(deep=False),
-            "lm": self.lm_, "embedder": self.embedder_, "show_progress": False,
+            "lm": self.lm_,
+            "embedder": self.embedder_,
+            "show_progress": False,
             "shortlist": spec_of(self.shortlist, self.shortlister_),
             "select": spec_of(self.select, self.selector_),
             "rank": spec_of(self.rank_spec(), self.ranker_),
@@ -111,10 +113,12 @@ class Tuning(ClassifierBase):
         from iclcls.rank.conformal import nonconformity
 
         if self.multi_label:
-            return {"kind": "multi", "n": len(preds),
-                    "preds": [[list(p.labels[:50]), [round(float(x), 6) for x in p.scores[:50]], list(g)] for p, g in zip(preds, gold)]}
-        return {"kind": "single", "n": len(preds),
-                "scores": [round(nonconformity(p.labels, p.scores, g), 6) for p, g in zip(preds, gold)]}
+            return {
+                "kind": "multi",
+                "n": len(preds),
+                "preds": [[list(p.labels[:50]), [round(float(x), 6) for x in p.scores[:50]], list(g)] for p, g in zip(preds, gold)],
+            }
+        return {"kind": "single", "n": len(preds), "scores": [round(nonconformity(p.labels, p.scores, g), 6) for p, g in zip(preds, gold)]}
 
     def predict_set(self, inputs: Iterable[str | Example], *, alpha: float = 0.1) -> list[tuple[str, ...]]:
         """Conformal label sets: each holds the gold label with probability >= 1 - alpha (single-label),

@@ -11,15 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from iclcls.experiment.config import DataConfig, load_yaml, parse
 from iclcls.experiment.splits import load_splits
-from iclcls.programs.dspy.compile import (
-    LMPool,
-    ProgramOptions,
-    build_program,
-    compile_split,
-    fit_retriever,
-    optimize,
-    save_compiled,
-)
+from iclcls.programs.dspy.compile import LMPool, ProgramOptions, build_program, compile_split, fit_retriever, optimize, save_compiled
 
 
 class DSPyClassifierSection(BaseModel):

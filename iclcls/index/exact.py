@@ -32,9 +32,7 @@ def topk(scores: np.ndarray, k: int, *, largest: bool = True) -> tuple[np.ndarra
     if k == 0:
         idx = np.zeros((s2.shape[0], 0), dtype=np.int64)
     else:
-        part = np.argpartition(key, k - 1, axis=1)[:, :k] if k < s2.shape[1] else np.tile(
-            np.arange(s2.shape[1]), (s2.shape[0], 1)
-        )
+        part = np.argpartition(key, k - 1, axis=1)[:, :k] if k < s2.shape[1] else np.tile(np.arange(s2.shape[1]), (s2.shape[0], 1))
         order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1, kind="stable")
         idx = np.take_along_axis(part, order, axis=1).astype(np.int64)
     vals = np.take_along_axis(s2, idx, axis=1)

@@ -77,8 +77,7 @@ def _sidecar_numbers(meta: dict[str, Any], where: Path) -> dict[str, Any]:
         is_float = key == "compact_fraction"
         ok_type = isinstance(value, (int, float)) if is_float else isinstance(value, int)
         if isinstance(value, bool) or not ok_type or not (lo <= value <= hi):
-            raise ValueError(f"{where}: {key} is {value!r}; expected {'a number' if is_float else 'an integer'} "
-                             f"in [{lo}, {hi}]")
+            raise ValueError(f"{where}: {key} is {value!r}; expected {'a number' if is_float else 'an integer'} in [{lo}, {hi}]")
         out[key] = float(value) if is_float else int(value)
     return out
 

@@ -47,9 +47,7 @@ class VectorIndex:
         if metric not in ("ip", "l2"):
             raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
         if exact_threshold < 0 or hnsw_m < 2 or ef_search < 1 or ef_construction < 1:
-            raise ValueError(
-                "need exact_threshold >= 0, hnsw_m >= 2, ef_search >= 1, ef_construction >= 1"
-            )
+            raise ValueError("need exact_threshold >= 0, hnsw_m >= 2, ef_search >= 1, ef_construction >= 1")
         if use_gpu not in (True, False, "auto"):
             raise ValueError(f"use_gpu must be True, False or 'auto', got {use_gpu!r}")
         self.dim = int(dim)
@@ -72,7 +70,7 @@ class VectorIndex:
     # ---------------------------------------------------------------- state
     @property
     def kind(self) -> str:
-        """"flat" (exact) or "hnsw"."""
+        """ "flat" (exact) or "hnsw"."""
         return self._kind
 
     @property
@@ -313,8 +311,14 @@ class VectorIndex:
         })  # fmt: skip
 
     @classmethod
-    def load(cls, path: str | Path, *, use_gpu: bool | Literal["auto"] = "auto", require_checksum: bool = False,
-             rebuild_from: np.ndarray | None = None) -> VectorIndex:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        use_gpu: bool | Literal["auto"] = "auto",
+        require_checksum: bool = False,
+        rebuild_from: np.ndarray | None = None,
+    ) -> VectorIndex:
         """Read an index written by :meth:`save` (faiss binary + JSON; nothing is executed).
 
         Only bytes whose size and SHA-256 match the sidecar are parsed; ``require_checksum`` refuses a

@@ -30,8 +30,12 @@ class LMGuesses:
     def infer(self, lm: LM, texts: Sequence[str], demonstrations: Sequence[Sequence[Example]] | None = None) -> list[list[str]]:
         demos = demonstrations or [[] for _ in texts]
         prompts = [
-            render(self.template, instructions=self.instructions, query=t,
-                   demonstrations=[{"text": d.text, "labels": list(d.labels)} for d in ds])
+            render(
+                self.template,
+                instructions=self.instructions,
+                query=t,
+                demonstrations=[{"text": d.text, "labels": list(d.labels)} for d in ds],
+            )
             for t, ds in zip(texts, demos)
         ]
         answers = lm.generate(prompts, max_tokens=self.max_tokens, temperature=0.0, stop=["\n\n", "Text:"])

@@ -64,8 +64,12 @@ def summarize_classes(
         for s in range(0, len(labels), batch_size):
             chunk = labels[s : s + batch_size]
             prompts = [
-                render(template, label=label_text(lab), primer=primer,
-                       texts=[ex.text for ex in typical_examples(pool, lab, examples_per_class)])
+                render(
+                    template,
+                    label=label_text(lab),
+                    primer=primer,
+                    texts=[ex.text for ex in typical_examples(pool, lab, examples_per_class)],
+                )
                 for lab in chunk
             ]
             answers = lm.generate(prompts, max_tokens=max_tokens, temperature=0.0, stop=["\n"])

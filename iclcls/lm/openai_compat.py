@@ -29,13 +29,7 @@ import numpy as np
 
 from iclcls.errors import LMServerError
 from iclcls.lm.base import BaseLM, CapabilityError, Conversation, ScoreRequest, has_images
-from iclcls.lm.common import (
-    check_choices,
-    choice_token_budget,
-    continuation_start,
-    image_to_url,
-    to_openai_messages,
-)
+from iclcls.lm.common import check_choices, choice_token_budget, continuation_start, image_to_url, to_openai_messages
 
 __all__ = ["OpenAICompatibleLM", "ServerError", "image_to_url", "to_openai_messages"]
 

@@ -7,8 +7,6 @@ def get_ranker(name: str, **options) -> Ranker:
     return RANKERS.get(name, **options)
 
 
-from iclcls.rank import fusion, generative, likelihood, retriever  # noqa: E402,F401  (register)
-from iclcls.rank import query_batch  # noqa: E402,F401  (register)
-from iclcls.rank import channel, chat  # noqa: E402,F401  (register)
+from iclcls.rank import channel, chat, fusion, generative, likelihood, query_batch, retriever  # noqa: E402,F401  (register)
 
 __all__ = ["RANKERS", "BaseRanker", "RankContext", "Ranker", "Ranking", "get_ranker"]

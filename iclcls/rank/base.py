@@ -15,9 +15,9 @@ import numpy as np
 
 from iclcls.lm.base import LM
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.prompt import PromptBuilder, RenderedPrompt
 from iclcls.registry import Registry
+from iclcls.types import Candidates, Query
 
 
 @dataclass
@@ -40,8 +40,10 @@ class Ranking:
 @runtime_checkable
 class Ranker(Protocol):
     needs_lm: bool
+
     @property
     def needs_prompts(self) -> bool: ...  # the classifier builds prompts (with demonstrations) for it
+
     reads_images: bool  # False: queries with images go to the chat ranker instead
 
     def rank(self, ctx: RankContext) -> list[Ranking]: ...

@@ -72,8 +72,7 @@ class ChannelRanker(BaseRanker):
             raise ValueError("the channel ranker needs an LM; pass lm=... or use rank='retriever'")
         for qi, q in enumerate(ctx.queries):
             if not q.text:
-                raise ValueError(f"the channel ranker scores the query's text; query {qi} has none (an image?): "
-                                 "use rank='chat' for images")
+                raise ValueError(f"the channel ranker scores the query's text; query {qi} has none (an image?): use rank='chat' for images")
         window = ctx.lm.context_window
         # (label, shots) -> the queries that have the label on their shortlist
         wanted: dict[tuple[str, int], list[int]] = defaultdict(list)
@@ -108,8 +107,11 @@ class ChannelRanker(BaseRanker):
         for qi, c in enumerate(ctx.candidates):
             logp = np.array([raw[qi, lab] for lab in c.labels])
             scores = log_softmax(logp)
-            trace = {"ranker": "channel", "channel_logprob": dict(zip(c.labels, logp.round(4).tolist())),
-                     "channel_examples": {lab: shown[lab, shots[qi]] for lab in c.labels},
-                     "lm_score": dict(zip(c.labels, scores.round(5).tolist()))}
+            trace = {
+                "ranker": "channel",
+                "channel_logprob": dict(zip(c.labels, logp.round(4).tolist())),
+                "channel_examples": {lab: shown[lab, shots[qi]] for lab in c.labels},
+                "lm_score": dict(zip(c.labels, scores.round(5).tolist())),
+            }
             out.append(sort_ranking(c.labels, scores, trace))
         return out

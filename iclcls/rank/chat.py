@@ -48,8 +48,9 @@ class ChatRanker(BaseRanker):
         out = []
         for i, (q, cands) in enumerate(zip(ctx.queries, ctx.candidates)):
             demo_ids = ctx.prompts[i].demonstrations if i < len(ctx.prompts) else []
-            rp = ctx.builder.build_messages(q.example, demo_ids, ctx.pool.examples, cands.labels,
-                                            count_tokens=count, budget=budget if count is not None else None)
+            rp = ctx.builder.build_messages(
+                q.example, demo_ids, ctx.pool.examples, cands.labels, count_tokens=count, budget=budget if count is not None else None
+            )
             assert rp.messages is not None  # build_messages writes them
             verbal = {ctx.builder.verbalize(lab): lab for lab in cands.labels}
             if scorer is not None:  # every candidate's log-likelihood as the reply: a full ranking
@@ -67,9 +68,15 @@ class ChatRanker(BaseRanker):
                 rest = [lab for lab in cands.labels if lab != chosen]
                 labels = ([chosen] if chosen else []) + rest
                 scores = np.array(([1.0] if chosen else []) + [-1.0 - j for j in range(len(rest))])
-            trace = {"rank": "chat", "chat_answer": answer, "chat_constrained": constrained or scorer is not None,
-                     "chat_scored": scorer is not None,
-                     "chat_prompt_tokens": rp.tokens, "chat_demonstrations": len(rp.demonstrations), **rp.trace}
+            trace = {
+                "rank": "chat",
+                "chat_answer": answer,
+                "chat_constrained": constrained or scorer is not None,
+                "chat_scored": scorer is not None,
+                "chat_prompt_tokens": rp.tokens,
+                "chat_demonstrations": len(rp.demonstrations),
+                **rp.trace,
+            }
             if not chosen:
                 trace["chat_fallback"] = "retriever order"
             out.append(Ranking(labels, scores, trace))

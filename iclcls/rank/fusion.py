@@ -20,8 +20,9 @@ def fuse(lm: Sequence[float], retriever: Sequence[float] | np.ndarray, w: float)
     return w * zscore(np.asarray(lm)) + (1.0 - w) * zscore(np.asarray(retriever))
 
 
-def fusion_accuracy(traces: Sequence[Mapping[str, Any]], gold: Sequence[Sequence[str]],
-                    weights: Sequence[float] | np.ndarray) -> np.ndarray | None:
+def fusion_accuracy(
+    traces: Sequence[Mapping[str, Any]], gold: Sequence[Sequence[str]], weights: Sequence[float] | np.ndarray
+) -> np.ndarray | None:
     """Top-1 accuracy of the fused score at each weight, recomputed from fusion traces
     (``lm_score`` and ``retriever_score`` per candidate), so no LM is called again; None when
     there are no traces or one lacks either score. Ties go to the first candidate."""
@@ -42,8 +43,7 @@ def fusion_accuracy(traces: Sequence[Mapping[str, Any]], gold: Sequence[Sequence
 
 @RANKERS.register("fusion")
 class FusionRanker(BaseRanker):
-    def __init__(self, *, inner: str = "likelihood", inner_options: dict | None = None,
-                 weight: float | None = 0.5, grid: int = 21) -> None:
+    def __init__(self, *, inner: str = "likelihood", inner_options: dict | None = None, weight: float | None = 0.5, grid: int = 21) -> None:
         from iclcls.rank import get_ranker
 
         self.inner = inner
@@ -77,9 +77,13 @@ class FusionRanker(BaseRanker):
         acc = np.zeros(len(weights)) if acc is None else acc
         best = int(np.argmax(acc))  # first max = smallest weight
         self.weight = float(weights[best])
-        return {"fusion_weight": self.weight, "validation_accuracy": float(acc[best]),
-                "validation_accuracy_retriever": float(acc[0]), "validation_accuracy_lm": float(acc[-1]),
-                "accuracy_by_weight": {f"{w:.2f}": round(float(a), 4) for w, a in zip(weights, acc)}}
+        return {
+            "fusion_weight": self.weight,
+            "validation_accuracy": float(acc[best]),
+            "validation_accuracy_retriever": float(acc[0]),
+            "validation_accuracy_lm": float(acc[-1]),
+            "accuracy_by_weight": {f"{w:.2f}": round(float(a), 4) for w, a in zip(weights, acc)},
+        }
 
     def rescore(self, trace: Mapping[str, Any]) -> Ranking:
         """A ranking at the current weight from a fusion trace: tuning re-scores without the LM."""
@@ -112,6 +116,10 @@ def fuse_rankings(primary: Sequence[str], secondary: Sequence[str], weight: floa
     def key(lab: str) -> tuple[float, int, int]:
         a, b = first.get(lab), second.get(lab)
         score = (1.0 - w) * (0.0 if a is None else 1.0 / (c + a + 1)) + w * (0.0 if b is None else 1.0 / (c + b + 1))
-        return (-score, far if a is None else a, far if b is None else b) if w < 1.0 else (-score, far if b is None else b, far if a is None else a)
+        return (
+            (-score, far if a is None else a, far if b is None else b)
+            if w < 1.0
+            else (-score, far if b is None else b, far if a is None else a)
+        )
 
     return sorted(labels, key=key)

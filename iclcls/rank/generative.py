@@ -16,14 +16,7 @@ from iclcls.rank.base import RANKERS, BaseRanker, RankContext, Ranking
 
 @RANKERS.register("generative")
 class GenerativeRanker(BaseRanker):
-    def __init__(
-        self,
-        *,
-        max_tokens: int = 24,
-        min_similarity: float = 0.6,
-        constrained: bool = False,
-        multi_label: bool = False,
-    ) -> None:
+    def __init__(self, *, max_tokens: int = 24, min_similarity: float = 0.6, constrained: bool = False, multi_label: bool = False) -> None:
         self.max_tokens = max_tokens
         self.min_similarity = min_similarity
         self.constrained = constrained

@@ -48,9 +48,7 @@ class LikelihoodRanker(BaseRanker):
         if ctx.lm is None:
             raise ValueError("the likelihood ranker needs an LM; pass lm=... or use rank='retriever'")
         verbal = ctx.builder.verbalize
-        requests = [
-            (p.text, [" " + verbal(lab) for lab in c.labels]) for p, c in zip(ctx.prompts, ctx.candidates)
-        ]
+        requests = [(p.text, [" " + verbal(lab) for lab in c.labels]) for p, c in zip(ctx.prompts, ctx.candidates)]
         if self.calibration in ("contextual", "domain"):
             for qi, (p, c) in enumerate(zip(ctx.prompts, ctx.candidates)):
                 demos = [ctx.pool.examples[i] for i in p.demonstrations]

@@ -130,8 +130,13 @@ class BatchedGenerativeRanker(BaseRanker):
             for lab, sim, _ in m:
                 if lab in lm_score:
                     lm_score[lab] = sim
-            trace = {"ranker": "batched_generative", "answer": raw.get(qi, ""), "attempts": attempts[qi],
-                     "mapped": [[a, round(s, 4), h] for a, s, h in m], "lm_score": lm_score}
+            trace = {
+                "ranker": "batched_generative",
+                "answer": raw.get(qi, ""),
+                "attempts": attempts[qi],
+                "mapped": [[a, round(s, 4), h] for a, s, h in m],
+                "lm_score": lm_score,
+            }
             if not m:
                 trace["batch_fallback"] = True
             out.append(Ranking(labels, np.array(scores), trace))

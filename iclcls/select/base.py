@@ -13,14 +13,15 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.registry import Registry
+from iclcls.types import Candidates, Query
 
 
 @runtime_checkable
 class Selector(Protocol):
     @property
     def needs_lm(self) -> bool: ...  # trains with the LM (bind_lm); a saved state does not retrain
+
     incremental: bool  # False: additions leave it stale until refreshed (``stale_``, ``refresh_stale``)
 
     def fit(self, pool: Pool) -> Selector: ...

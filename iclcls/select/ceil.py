@@ -32,9 +32,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from iclcls.pool import Pool
-from iclcls.types import Query
 from iclcls.select.base import SELECTORS, order_by_similarity
 from iclcls.select.dpp import DPPSelector, top_by_relevance
+from iclcls.types import Query
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -102,11 +102,15 @@ class CEILSelector(DPPSelector):
         prompt: dict | None = None,
         show_progress: bool | None = None,
     ) -> None:
-        super().__init__(
-            lam=lam, candidates=candidates, order=order, restrict_to_candidates=restrict_to_candidates, min_gain=min_gain
-        )
-        for name, v in (("train_queries", train_queries), ("subsets", subsets), ("subset_size", subset_size),
-                        ("neighbours", neighbours), ("epochs", epochs), ("batch_queries", batch_queries)):
+        super().__init__(lam=lam, candidates=candidates, order=order, restrict_to_candidates=restrict_to_candidates, min_gain=min_gain)
+        for name, v in (
+            ("train_queries", train_queries),
+            ("subsets", subsets),
+            ("subset_size", subset_size),
+            ("neighbours", neighbours),
+            ("epochs", epochs),
+            ("batch_queries", batch_queries),
+        ):
             if v < 1:
                 raise ValueError(f"ceil {name} must be >= 1, got {v}")
         if subsets < 2:

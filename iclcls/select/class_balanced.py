@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from iclcls.types import Candidates, Query
 from iclcls.select.base import SELECTORS, BaseSelector, order_by_similarity
+from iclcls.types import Candidates, Query
 
 
 @SELECTORS.register("class_balanced")

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.select.base import SELECTORS, BaseSelector, order_by_similarity
+from iclcls.types import Candidates, Query
 
 
 def dpp_kernel(relevance: np.ndarray, embeddings: np.ndarray, *, lam: float) -> np.ndarray:
@@ -66,9 +66,7 @@ def greedy_map(kernel: np.ndarray, k: int, *, min_gain: float = 1e-9) -> list[in
     return chosen
 
 
-def top_by_relevance(
-    sims: np.ndarray, allowed: np.ndarray | None, n: int
-) -> tuple[np.ndarray, np.ndarray]:
+def top_by_relevance(sims: np.ndarray, allowed: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``n`` most similar positions (optionally among ``allowed``), best first, and their cosines."""
     ids = np.arange(len(sims)) if allowed is None else np.asarray(allowed, dtype=np.int64)
     s = sims[ids]
@@ -142,7 +140,8 @@ class DPPSelector(BaseSelector):
     def _report_short(self, query: Query, k: int, got: int, considered: int) -> None:
         """Fewer than k demonstrations: say so once per selector, and in every query's trace."""
         why = (
-            f"only {considered} candidate examples" if considered <= got
+            f"only {considered} candidate examples"
+            if considered <= got
             else "the DPP's marginal gain stopped being positive (near-duplicate candidates)"
         )
         query.trace["select_short"] = {"selector": "dpp", "asked": k, "got": got, "why": why}

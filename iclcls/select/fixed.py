@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.select.base import SELECTORS, BaseSelector
+from iclcls.types import Candidates, Query
 
 
 @SELECTORS.register("fixed")

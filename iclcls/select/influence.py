@@ -44,9 +44,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 class SoftmaxRegression:
     """``mean CE(softmax(X W^T), y) + l2/2 ||W||^2``, with its gradient and exact Hessian-vector product."""
 
-    def __init__(
-        self, x: np.ndarray, y: np.ndarray, n_classes: int, *, l2: float, weights: np.ndarray | None = None
-    ) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, n_classes: int, *, l2: float, weights: np.ndarray | None = None) -> None:
         self.x = np.asarray(x, dtype=np.float64)
         self.y = np.asarray(y, dtype=np.int64)
         self.c = int(n_classes)
@@ -74,8 +72,7 @@ class SoftmaxRegression:
         def hessp(flat: np.ndarray, v: np.ndarray) -> np.ndarray:
             return self._hvp(_softmax(self.x @ flat.reshape(self.c, -1).T), v)
 
-        res = minimize(self.objective, w0, jac=True, hessp=hessp, method="Newton-CG",
-                       options={"maxiter": max_iter, "xtol": 1e-10})
+        res = minimize(self.objective, w0, jac=True, hessp=hessp, method="Newton-CG", options={"maxiter": max_iter, "xtol": 1e-10})
         self.converged = bool(res.success)
         self.w = res.x.reshape(self.c, -1)
         self.p = _softmax(self.x @ self.w.T)
@@ -231,7 +228,7 @@ class InfluenceSelector(BaseSelector):
                 "influence-solve",
                 f"influence: the solve did not converge (Newton-CG success={model.converged}, CG info="
                 f"{info['cg_info']}, residual {info['cg_relative_residual']:.2g}); scores are approximate. "
-                "Raise l2 to make the problem better conditioned."
+                "Raise l2 to make the problem better conditioned.",
             )
         order = np.argsort(scores, kind="stable")  # most negative first: most helpful
         self.ranked_ = [int(train_rows[t]) for t in order]

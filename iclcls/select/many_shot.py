@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.select.base import SELECTORS, BaseSelector, restore_positions, saved_ids
+from iclcls.types import Candidates, Query
 
 ORDERS = ("random", "class_balanced")
 

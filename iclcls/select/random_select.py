@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from iclcls.types import Candidates, Query
 from iclcls.select.base import SELECTORS, BaseSelector
+from iclcls.types import Candidates, Query
 from iclcls.util import query_rng
 
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.shortlist.base import SHORTLISTERS, BaseShortlister
+from iclcls.types import Candidates, Query
 
 
 @SHORTLISTERS.register("all")

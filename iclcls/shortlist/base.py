@@ -13,8 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.registry import Registry
+from iclcls.types import Candidates, Query
 
 
 @runtime_checkable

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.shortlist.base import SHORTLISTERS, BaseShortlister, top_candidates
 from iclcls.shortlist.means import ClassMeans
+from iclcls.types import Candidates, Query
 
 
 @SHORTLISTERS.register("class_mean")

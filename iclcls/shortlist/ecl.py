@@ -23,7 +23,8 @@ classes), for studies that need every shortlist exact.
 Input: the text's embedding (``input="text"``), or the mean embedding of LLM-written tags
 (``input="tags"``, InCA's setting): training examples carry their tags in
 ``metadata["tags"]`` (the classifier's ``infer="tags"`` stage writes them at fit), queries
-carry them as the Infer stage's guesses.
+carry them as the Infer stage's guesses. The statistics and the shortlister share one module
+(~430 lines): the shortlister's update rules are the statistics' invariants.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import numpy as np
 
 from iclcls.index import VectorIndex
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.shortlist.base import SHORTLISTERS, BaseShortlister
+from iclcls.types import Candidates, Query
 
 STATE_FORMAT = "iclcls.GaussianECL"
 STATE_VERSION = 1

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from iclcls.pool import Pool
-from iclcls.shortlist.means import ClassMeans
-from iclcls.util import GrowingArray
-from iclcls.types import Candidates, Query
 from iclcls.shortlist.base import SHORTLISTERS, BaseShortlister
+from iclcls.shortlist.means import ClassMeans
+from iclcls.types import Candidates, Query
+from iclcls.util import GrowingArray
 
 
 @SHORTLISTERS.register("knn_vote")

@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from iclcls.pool import Pool
-from iclcls.types import Candidates, Query
 from iclcls.prompt import label_text  # lives with the prompt (a lower layer); re-exported here
 from iclcls.shortlist.base import SHORTLISTERS, BaseShortlister, top_candidates
+from iclcls.types import Candidates, Query
 
 __all__ = ["LabelRetriever", "label_text"]
 
@@ -22,12 +22,7 @@ __all__ = ["LabelRetriever", "label_text"]
 @SHORTLISTERS.register("label_retriever")
 class LabelRetriever(BaseShortlister):
     def __init__(
-        self,
-        *,
-        use_query: bool = True,
-        use_descriptions: bool = True,
-        priors: Mapping[str, float] | None = None,
-        prior_a: float = 0.0,
+        self, *, use_query: bool = True, use_descriptions: bool = True, priors: Mapping[str, float] | None = None, prior_a: float = 0.0
     ) -> None:
         self.use_query = use_query
         self.use_descriptions = use_descriptions
@@ -39,9 +34,7 @@ class LabelRetriever(BaseShortlister):
         self.labels_ = list(pool.labels)
         desc = pool.labels.descriptions if self.use_descriptions else {}
         texts = [label_text(lab, desc.get(lab)) for lab in self.labels_]
-        self.label_embeddings_ = (
-            pool.embedder.encode(texts) if texts else np.zeros((0, pool.dim), dtype=np.float32)
-        )
+        self.label_embeddings_ = pool.embedder.encode(texts) if texts else np.zeros((0, pool.dim), dtype=np.float32)
         weights = np.ones(len(self.labels_))
         if self.priors and self.prior_a > 0:
             p = np.array([self.priors.get(lab, 0.0) for lab in self.labels_], dtype=np.float64)

@@ -10,15 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from iclcls.store.base import (
-    AdditionStore,
-    Appended,
-    KeyConflict,
-    Record,
-    StoreError,
-    StoreLocked,
-    StoreWriteFailed,
-)
+from iclcls.store.base import AdditionStore, Appended, KeyConflict, Record, StoreError, StoreLocked, StoreWriteFailed
 
 __all__ = ["AdditionStore", "Appended", "KeyConflict", "Record", "StoreError", "StoreLocked", "StoreWriteFailed",
            "default_store_path", "open_store"]
