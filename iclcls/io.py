@@ -196,12 +196,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, strict_json(obj, indent=2, ensure_ascii=False))
 
 
-def atomic_write_with(path: str | Path, writer: Callable[[str], None], *, suffix: str = "") -> None:
-    """Atomically write a file produced by ``writer(tmp_path_str)`` (e.g. ``faiss.write_index``)."""
-    with atomic_path(path, suffix=suffix) as tmp:
-        writer(str(tmp))
-
-
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, np.asarray(array), allow_pickle=False)

@@ -125,17 +125,21 @@ class Tuning(ClassifierBase):
         or misses at most an alpha share of gold labels in expectation (multi-label, risk control).
 
         Calibrated on the tuning predictions ``fit`` made (cross-validation or validation)."""
-        if not ((getattr(self, "tuned_", None) or {}).get("conformal") or {}).get("n"):
-            raise NotCalibrated("predict_set needs conformal calibration: fit with tune='cv' or validation=")
+        self._calibration_data("predict_set")
         return self.conformal_sets(self.predict_detailed(inputs), alpha=alpha)
+
+    def _calibration_data(self, what: str) -> dict[str, Any]:
+        self._check_fitted(what)
+        cal = self.tuned_.get("conformal") or {}
+        if not cal.get("n"):
+            raise NotCalibrated(f"{what} needs conformal calibration: fit with tune='cv' or validation=")
+        return cal
 
     def conformal_sets(self, preds: Sequence[Prediction], *, alpha: float = 0.1) -> list[tuple[str, ...]]:
         """``predict_set`` for predictions already made (no second LM pass)."""
         from iclcls.rank import conformal as cp
 
-        cal = (getattr(self, "tuned_", None) or {}).get("conformal")
-        if not cal or not cal.get("n"):
-            raise NotCalibrated("conformal sets need conformal calibration: fit with tune='cv' or validation=")
+        cal = self._calibration_data("conformal_sets")
         if cal["kind"] == "multi":
             lam = cp.crc_lambda([(labs, sc) for labs, sc, _ in cal["preds"]], [g for _, _, g in cal["preds"]], alpha)
             return [cp.multi_label_set(p.labels, p.scores, lam) or p.labels[:1] for p in preds]
