@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from iclcls.errors import ConfigError
+from iclcls.errors import ConfigError, IclclsError
 
 log = logging.getLogger("iclcls.serve")
 
 
-class Overloaded(RuntimeError):
+class Overloaded(IclclsError, RuntimeError):
     """More requests are waiting than ``max_queue``: the caller should answer 503."""
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iclcls.errors import ConfigError
+from iclcls.errors import ConfigError, IclclsError
 from iclcls.serve.legacy import find_legacy
 from iclcls.serve.rwlock import RWLock
 from iclcls.serve.workers import Workers
@@ -48,7 +48,7 @@ from iclcls.types import Prediction
 log = logging.getLogger("iclcls.serve")
 
 
-class AdditionRefused(ValueError):
+class AdditionRefused(IclclsError, ValueError):
     """An addition the service will not take; ``status`` is the HTTP answer (nothing was stored)."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -37,7 +37,7 @@ class StoreWriteFailed(StoreError):
         self.full = full
 
 
-class KeyConflict(ValueError):
+class KeyConflict(IclclsError, ValueError):
     """An idempotency key was used before with a different request body."""
 
 
