@@ -67,3 +67,13 @@ class GrowingArray:
 
     def set(self, positions: np.ndarray, rows: np.ndarray) -> None:
         self._buf[: self._n][positions] = rows
+
+
+def softmax(scores: Sequence[float | None]) -> list[float]:
+    """Softmax over the finite scores; a missing or non-finite score gets 0 (all missing: all 0)."""
+    vals = np.array([np.nan if s is None else s for s in scores], dtype=np.float64)
+    ok = np.isfinite(vals)
+    if not ok.any():
+        return [0.0] * len(vals)
+    e = np.where(ok, np.exp(np.where(ok, vals, 0.0) - vals[ok].max()), 0.0)
+    return (e / e.sum()).tolist()

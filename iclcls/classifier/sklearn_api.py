@@ -16,6 +16,7 @@ from sklearn.preprocessing import MultiLabelBinarizer
 
 from iclcls.errors import DataError, NotFittedError
 from iclcls.types import Example, Prediction, check_text
+from iclcls.util import softmax
 
 
 class SklearnClassifier(ClassifierMixin):
@@ -74,12 +75,7 @@ class SklearnClassifier(ClassifierMixin):
         col = {c: j for j, c in enumerate(self.classes_)}
         out = np.zeros((len(preds), len(col)))
         for i, p in enumerate(preds):
-            s = np.asarray(p.scores, dtype=np.float64)
-            ok = np.isfinite(s)
-            if not ok.any():
-                continue
-            e = np.where(ok, np.exp(np.where(ok, s, 0) - s[ok].max()), 0.0)
-            for lab, v in zip(p.labels, e / e.sum()):
+            for lab, v in zip(p.labels, softmax(p.scores)):
                 out[i, col[lab]] += v
         return out
 

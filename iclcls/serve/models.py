@@ -10,6 +10,7 @@ import math
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from iclcls.types import Prediction, check_text
+from iclcls.util import softmax
 
 MAX_LABEL_CHARS = 200
 
@@ -123,17 +124,6 @@ class ClassesResponse(BaseModel):
 def finite(x: float) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
-
-
-def softmax(scores: list[float | None]) -> list[float]:
-    """Softmax over the finite scores; a missing (non-finite) score gets 0."""
-    vals = [s for s in scores if s is not None]
-    if not vals:
-        return [0.0] * len(scores)
-    top = max(vals)
-    exps = [math.exp(s - top) if s is not None else 0.0 for s in scores]
-    total = sum(exps)
-    return [e / total for e in exps]
 
 
 def prediction_out(p: Prediction, top_k: int | None, trace: bool) -> PredictionOut:
